@@ -1,0 +1,45 @@
+# mtp-gen: one C program plus one kernel file chosen for the target ISA.
+#   make                 native build (-march=native; the compiler's macros pick the kernels)
+#   make ARCH=x86-64-v3  or any -march value; ARCH=scalar builds the portable kernels only
+#   make CROSS=aarch64   NEON build with Debian's aarch64 cross compiler (run it under qemu-aarch64)
+#   make asan            AddressSanitizer + UBSan build (mtp-gen-asan)
+#   make test            build everything and run the test suite
+CC      ?= cc
+ARCH    ?= native
+CFLAGS  ?= -O2 -g
+WARN    := -Wall -Wextra -Wshadow -Wno-unused-parameter
+LDLIBS  := -lm -lpthread
+
+ifeq ($(CROSS),aarch64)
+  CC := aarch64-linux-gnu-gcc
+  MARCH := -march=armv8.2-a+fp16+dotprod
+  SUFFIX := -aarch64
+  LDFLAGS += -static
+else ifeq ($(ARCH),scalar)
+  MARCH := -DKN_FORCE_SCALAR
+  SUFFIX := -scalar
+else
+  MARCH := -march=$(ARCH)
+endif
+
+KERNEL_SRC := kernels/scalar.c kernels/avx2.c kernels/avx512.c kernels/neon.c
+HDRS := kernels/kernels.h $(wildcard tools/unicode_tables.h)
+
+all: mtp-gen$(SUFFIX) test_kernels$(SUFFIX)
+
+mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS)
+	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ mtp.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
+
+test_kernels$(SUFFIX): tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
+	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
+
+asan:
+	$(MAKE) mtp-gen SUFFIX=-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+
+test: all
+	python3 tests/run.py
+
+clean:
+	rm -f mtp-gen mtp-gen-* test_kernels test_kernels-*
+
+.PHONY: all asan test clean

@@ -1,0 +1,79 @@
+/* kernels.h - the numeric kernels mtp-gen's model code calls.
+ *
+ * The model never sees intrinsics: it calls these functions, and exactly one
+ * implementation of them is compiled in, chosen by the compiler's target
+ * macros (kernels/avx512.c, kernels/avx2.c, kernels/neon.c, or the portable
+ * kernels/scalar.c).  The scalar file also provides kn_ref_*: the reference
+ * every SIMD kernel is tested against (tests/test_kernels.c).
+ *
+ * Weights are GGUF tensors in ggml's block formats, row-major: a matrix of
+ * n_out rows of n_in elements, each row row_bytes long, read straight from
+ * the mmapped file.
+ *
+ * Determinism contract (speculative decoding depends on it): the value
+ * computed for output row i and activation row r is bit-identical whatever
+ * the number of activation rows nr and whatever slice [i0, i1) it falls in.
+ * So verifying K+1 tokens in one call gives exactly the logits of K+1
+ * single-token calls, and greedy output with MTP equals output without it.
+ */
+#ifndef KERNELS_H
+#define KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* GGUF / ggml tensor type ids */
+enum {
+    KN_F32 = 0, KN_F16 = 1, KN_Q4_0 = 2, KN_Q4_1 = 3, KN_Q5_0 = 6, KN_Q5_1 = 7,
+    KN_Q8_0 = 8, KN_Q4_K = 12, KN_Q5_K = 13, KN_Q6_K = 14, KN_BF16 = 30,
+};
+
+/* Activation rows one kn_matmul call takes; callers split bigger batches. */
+#define KN_MAX_ROWS 8
+
+/* ---- tensor formats ---- */
+int         kn_type_supported(int type);          /* 1 for the types above */
+const char *kn_type_name(int type);               /* "q4_K", or "type 23" style for unknown */
+int64_t     kn_block_elems(int type);             /* elements per block (1 for float types) */
+size_t      kn_block_bytes(int type);             /* bytes per block */
+size_t      kn_row_bytes(int type, int64_t n);    /* n must be a multiple of kn_block_elems */
+void        kn_dequant_row(int type, const void *row, float *out, int64_t n);
+
+/* ---- matrix x activation rows ----
+ * Activations are prepared once per matrix product (quantised to 8-bit
+ * blocks for quantised weights, kept f32 for float weights) and then shared
+ * by every thread's slice of output rows. */
+size_t kn_act_row_bytes(int wtype, int64_t n_in);
+void   kn_act_prepare(int wtype, const float *x /*[n_in]*/, int64_t n_in, void *out /*[kn_act_row_bytes]*/);
+
+/* y[r*y_stride + i] = W[i] . x[r]  for i in [i0, i1), r in [0, nr), nr <= KN_MAX_ROWS.
+ * act: nr prepared rows, act_stride bytes apart. */
+void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
+               const void *act, size_t act_stride, int nr, float *y, int64_t y_stride);
+
+/* ---- vector ops ---- */
+float kn_dot(const float *a, const float *b, int64_t n);
+void  kn_axpy(float *y, float a, const float *x, int64_t n);          /* y += a*x */
+void  kn_scale(float *y, float a, int64_t n);                          /* y *= a */
+void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps); /* w may be NULL */
+void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n);        /* silu(gate)*up */
+
+/* One Gated DeltaNet step for one value head, state S[dk][dv] (row j = key dim j):
+ *   S *= decay;  kv = k^T S;  S += k (x) beta*(v - kv);  out = q^T S   */
+void  kn_delta_step(float *S, const float *q, const float *k, const float *v,
+                    float decay, float beta, float *out, int dk, int dv);
+
+/* ---- build identity ----
+ * kn_isa: "avx512", "avx2", "neon" or "scalar".  kn_cpu_ok: 0 (with a reason
+ * in why) if this CPU lacks an instruction set extension the build was
+ * compiled for; main must call it before anything else (see scalar.c). */
+const char *kn_isa(void);
+int         kn_cpu_ok(char *why, size_t n);
+
+/* reference (scalar) versions, always compiled, for the kernel tests */
+void  kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
+                    const float *x, int64_t x_stride, int nr, float *y, int64_t y_stride);
+void  kn_ref_delta_step(float *S, const float *q, const float *k, const float *v,
+                        float decay, float beta, float *out, int dk, int dv);
+
+#endif

@@ -1,0 +1,141 @@
+/* kn_impl.h - what the kernel files share and the model code never sees.
+ *
+ * Three things live here so that each is written exactly once:
+ *   - which instruction set this build's kernels target (KN_ISA_*), decided
+ *     from the compiler's target macros, so every kernel file agrees;
+ *   - the ggml block layouts and the half/bfloat conversions;
+ *   - the layout of prepared activation rows, which kn_act_prepare (always
+ *     the portable one in scalar.c) writes and every matmul kernel reads.
+ */
+#ifndef KN_IMPL_H
+#define KN_IMPL_H
+
+#include <stdint.h>
+#include <string.h>
+#include "kernels.h"
+
+/* ==== Instruction set of this build ==== */
+
+#if defined(KN_FORCE_SCALAR)
+#  define KN_ISA_SCALAR 1
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+      defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#  define KN_ISA_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#  define KN_ISA_AVX2 1
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#  define KN_ISA_NEON 1
+#else
+#  define KN_ISA_SCALAR 1
+#endif
+
+/* The AVX-512 kernels reuse the AVX2 ones for the formats they do not widen. */
+#if defined(KN_ISA_AVX512) || defined(KN_ISA_AVX2)
+#  define KN_BUILD_AVX2 1
+#endif
+
+#define KN_INLINE static inline __attribute__((always_inline))
+
+/* ==== Half and bfloat ==== */
+
+static inline float kn_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* IEEE half to float, exact, without relying on hardware or _Float16. */
+static inline float kn_f16_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 0x3ff;
+    if (e == 31) return kn_bits_f32(sign | 0x7f800000u | (m << 13));
+    if (e == 0) {                         /* zero or subnormal: m * 2^-24 */
+        float f = (float)m * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    return kn_bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+static inline float kn_bf16_f32(uint16_t h) { return kn_bits_f32((uint32_t)h << 16); }
+
+static inline uint16_t kn_rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t kn_rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* ==== ggml block layouts ====
+ * Blocks are packed and unaligned; d, m, dmin are IEEE halves.  The field
+ * order is given beside each size; offsets are spelled out where used. */
+
+#define KN_QK     32      /* legacy block */
+#define KN_QKK    256     /* K-quant super-block */
+
+#define KN_Q4_0_BYTES 18  /* d | qs[16]: lo nibbles elems 0..15, hi 16..31, q-8 */
+#define KN_Q4_1_BYTES 20  /* d | m | qs[16]: q*d + m */
+#define KN_Q5_0_BYTES 22  /* d | qh[4] | qs[16]: bit j of qh is bit 4 of elem j, q-16 */
+#define KN_Q5_1_BYTES 24  /* d | m | qh[4] | qs[16] */
+#define KN_Q8_0_BYTES 34  /* d | int8 qs[32] */
+#define KN_Q4_K_BYTES 144 /* d | dmin | scales[12] | qs[128] */
+#define KN_Q5_K_BYTES 176 /* d | dmin | scales[12] | qh[32] | qs[128] */
+#define KN_Q6_K_BYTES 210 /* ql[128] | qh[64] | int8 scales[16] | d */
+
+/* The 12 scale bytes of q4_K/q5_K hold eight 6-bit scales and eight 6-bit
+ * mins: bytes 0-3 and 4-7 carry scales/mins 0-3 in their low six bits and
+ * the top two bits of scales/mins 4-7; bytes 8-11 carry the low four bits
+ * of scales 4-7 (low nibble) and mins 4-7 (high nibble). */
+static inline void kn_k4_scales(const uint8_t *s12, uint8_t sc[8], uint8_t mn[8])
+{
+    uint32_t a = kn_rd32(s12), b = kn_rd32(s12 + 4), c = kn_rd32(s12 + 8);
+    uint32_t w[4] = {
+        a & 0x3f3f3f3fu,
+        (c & 0x0f0f0f0fu) | ((a >> 2) & 0x30303030u),
+        b & 0x3f3f3f3fu,
+        ((c >> 4) & 0x0f0f0f0fu) | ((b >> 2) & 0x30303030u),
+    };
+    memcpy(sc, w, 8);
+    memcpy(mn, w + 2, 8);
+}
+
+static inline int kn_is_kquant(int t) { return t == KN_Q4_K || t == KN_Q5_K || t == KN_Q6_K; }
+static inline int kn_is_float(int t) { return t == KN_F32 || t == KN_F16 || t == KN_BF16; }
+
+/* ==== Prepared activation rows ====
+ * Float weights take the f32 row as is.  Quantised weights take the row
+ * quantised symmetrically to int8 in [-127, 127] (never -128, so the AVX2
+ * sign trick can negate it) with one f32 scale per activation block:
+ *   legacy weights (block 32):  int8 q[n] | f32 d[n/32] | f32 s[n/32]
+ *       s = d * sum(q), for the q4_1/q5_1 offset term;
+ *   K-quant weights (block 256): int8 q[n] | f32 d[n/256] | i16 bsum[n/16]
+ *       bsum = sum of q over each 16 elements, for the mins and q6_K's -32.
+ * Activation blocks are exactly as wide as the weight blocks, so every
+ * weight block meets exactly one activation scale. */
+
+#define KN_ACT_ALIGN 64
+
+static inline int64_t kn_act_block(int wtype) { return kn_is_kquant(wtype) ? KN_QKK : KN_QK; }
+static inline const float *kn_act_d(const void *act, int64_t n)
+{
+    return (const float *)((const int8_t *)act + n);
+}
+static inline const float *kn_act_s(const void *act, int64_t n)
+{
+    return kn_act_d(act, n) + n / KN_QK;
+}
+static inline const int16_t *kn_act_bsum(const void *act, int64_t n)
+{
+    return (const int16_t *)(kn_act_d(act, n) + n / KN_QKK);
+}
+
+/* ==== Portable kernels, always compiled (scalar.c) ====
+ * The SIMD files fall back to these for anything they do not accelerate. */
+
+void  kn_sc_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
+                   const void *act, size_t act_stride, int nr, float *y, int64_t y_stride);
+float kn_sc_dot(const float *a, const float *b, int64_t n);
+void  kn_sc_axpy(float *y, float a, const float *x, int64_t n);
+void  kn_sc_scale(float *y, float a, int64_t n);
+void  kn_sc_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
+void  kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n);
+void  kn_sc_delta_step(float *S, const float *q, const float *k, const float *v,
+                       float decay, float beta, float *out, int dk, int dv);
+
+#ifdef KN_BUILD_AVX2
+void  kn_avx2_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
+                     const void *act, size_t act_stride, int nr, float *y, int64_t y_stride);
+#endif
+
+#endif

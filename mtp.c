@@ -1,0 +1,2252 @@
+/* mtp-gen - Qwen3.5 / Qwen3.6 / Qwen3-Next inference on the CPU, with speculative
+ * decoding by the model's own multi-token-prediction (MTP) head.
+ *
+ * The story of a token, top to bottom:
+ *
+ *   GGUF file   - mmapped read-only; tensors point straight into the mapping.
+ *   Model       - config from the metadata, weights as (type, pointer, shape).
+ *   State       - per-sequence KV caches for the full-attention layers, conv
+ *                 and recurrent state for the Gated DeltaNet layers, in a small
+ *                 ring of slots so a speculative batch can be rolled back by
+ *                 picking a slot instead of copying or recomputing.
+ *   Forward     - the hybrid stack: 3 DeltaNet layers then 1 gated attention
+ *                 layer (per the file), SwiGLU FFN, final norm, LM head, over
+ *                 a batch of tokens at consecutive positions.
+ *   MTP         - the head blk.{n_layer}: draft tokens from the main model's
+ *                 last hidden state, verify them in one batched forward call,
+ *                 keep the accepted prefix, roll the state back.
+ *   Sampler     - greedy, temperature / top-k / top-p / min-p / repetition
+ *                 penalty, and the lossless speculative acceptance rule.
+ *   Tokenizer   - byte-level BPE with Qwen's pre-tokenizer and NFC.
+ *   CLI         - llama.cpp-like flags; text to stdout, everything else to stderr.
+ *
+ * Matrix products and the other hot loops live in kernels/ (one file per
+ * instruction set behind kernels/kernels.h); this file never sees intrinsics.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kernels/kernels.h"
+
+/* ==== Utilities ==== */
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("mtp-gen: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+static void *xmalloc(size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p) die("out of memory allocating %zu bytes", n);
+    return p;
+}
+
+static void *xcalloc(size_t count, size_t size) {
+    if (size && count > SIZE_MAX / size) die("allocation too large");
+    void *p = calloc(count ? count : 1, size ? size : 1);
+    if (!p) die("out of memory allocating %zu bytes", count * size);
+    return p;
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+typedef struct { const char *s; uint64_t n; } Str;   /* a string inside the file, not NUL-terminated */
+
+static int str_eq(Str a, const char *b) { return a.n == strlen(b) && memcmp(a.s, b, a.n) == 0; }
+
+/* ==== GGUF file ====
+ * GGUF v2/v3: magic, version, tensor count, metadata count, metadata
+ * key/value pairs, tensor infos, then aligned tensor data.  Every length and
+ * offset is checked against the mapping before use, because the file is
+ * untrusted input. */
+
+enum { GG_U8, GG_I8, GG_U16, GG_I16, GG_U32, GG_I32, GG_F32, GG_BOOL, GG_STR, GG_ARR, GG_U64, GG_I64, GG_F64, GG_NTYPES };
+
+typedef struct {
+    Str key;
+    uint32_t type;
+    union {
+        uint64_t u; int64_t i; double f; Str str;
+        struct { uint32_t type; uint64_t n; const uint8_t *data; } arr;  /* raw elements in the file */
+    } v;
+} GgufKV;
+
+typedef struct {
+    Str name;
+    uint32_t n_dims;
+    int64_t ne[4];          /* ne[0] is the contiguous dimension */
+    uint32_t type;
+    uint64_t offset;        /* from the start of the data section */
+    const uint8_t *data;
+    size_t nbytes;
+} GgufTensor;
+
+typedef struct {
+    const uint8_t *base;    /* the whole file, mmapped */
+    size_t size;
+    uint32_t version;
+    uint64_t n_kv, n_tensors;
+    GgufKV *kv;             /* [n_kv] */
+    GgufTensor *tensors;    /* [n_tensors] */
+} Gguf;
+
+typedef struct { const uint8_t *p, *end; char *err; size_t errlen; } Cursor;
+
+static int cur_fail(Cursor *c, const char *what) {
+    if (!c->err[0]) snprintf(c->err, c->errlen, "truncated or corrupt GGUF (%s)", what);
+    return -1;
+}
+
+static int cur_take(Cursor *c, size_t n, const uint8_t **out, const char *what) {
+    if ((size_t)(c->end - c->p) < n) return cur_fail(c, what);
+    *out = c->p;
+    c->p += n;
+    return 0;
+}
+
+static int cur_u32(Cursor *c, uint32_t *v, const char *what) {
+    const uint8_t *p;
+    if (cur_take(c, 4, &p, what)) return -1;
+    memcpy(v, p, 4);
+    return 0;
+}
+
+static int cur_u64(Cursor *c, uint64_t *v, const char *what) {
+    const uint8_t *p;
+    if (cur_take(c, 8, &p, what)) return -1;
+    memcpy(v, p, 8);
+    return 0;
+}
+
+static int cur_str(Cursor *c, Str *s, const char *what) {
+    uint64_t n;
+    const uint8_t *p;
+    if (cur_u64(c, &n, what) || n > (uint64_t)(c->end - c->p) || cur_take(c, n, &p, what)) return cur_fail(c, what);
+    s->s = (const char *)p;
+    s->n = n;
+    return 0;
+}
+
+static const size_t gg_scalar_size[GG_NTYPES] = {1, 1, 2, 2, 4, 4, 4, 1, 0, 0, 8, 8, 8};
+
+static int gguf_read_value(Cursor *c, uint32_t type, GgufKV *kv, int depth) {
+    const uint8_t *p;
+    if (type >= GG_NTYPES) return cur_fail(c, "unknown metadata type");
+    if (type == GG_STR) return cur_str(c, &kv->v.str, "string value");
+    if (type == GG_ARR) {
+        uint32_t et;
+        uint64_t n;
+        if (depth > 0) return cur_fail(c, "nested array");
+        if (cur_u32(c, &et, "array type") || cur_u64(c, &n, "array length")) return -1;
+        if (et >= GG_NTYPES || et == GG_ARR) return cur_fail(c, "array element type");
+        kv->v.arr.type = et;
+        kv->v.arr.n = n;
+        kv->v.arr.data = c->p;
+        if (et == GG_STR) {
+            for (uint64_t i = 0; i < n; i++) {
+                Str s;
+                if (cur_str(c, &s, "string array")) return -1;
+            }
+            return 0;
+        }
+        if (n > (uint64_t)(c->end - c->p) / gg_scalar_size[et]) return cur_fail(c, "array data");
+        c->p += n * gg_scalar_size[et];
+        return 0;
+    }
+    if (cur_take(c, gg_scalar_size[type], &p, "scalar value")) return -1;
+    switch (type) {
+    case GG_U8: case GG_BOOL: kv->v.u = p[0]; break;
+    case GG_I8: kv->v.i = (int8_t)p[0]; break;
+    case GG_U16: { uint16_t x; memcpy(&x, p, 2); kv->v.u = x; break; }
+    case GG_I16: { int16_t x; memcpy(&x, p, 2); kv->v.i = x; break; }
+    case GG_U32: { uint32_t x; memcpy(&x, p, 4); kv->v.u = x; break; }
+    case GG_I32: { int32_t x; memcpy(&x, p, 4); kv->v.i = x; break; }
+    case GG_F32: { float x; memcpy(&x, p, 4); kv->v.f = x; break; }
+    case GG_U64: memcpy(&kv->v.u, p, 8); break;
+    case GG_I64: memcpy(&kv->v.i, p, 8); break;
+    case GG_F64: memcpy(&kv->v.f, p, 8); break;
+    }
+    return 0;
+}
+
+static int gguf_tensor_info(Cursor *c, GgufTensor *t) {
+    if (cur_str(c, &t->name, "tensor name") || cur_u32(c, &t->n_dims, "tensor dims")) return -1;
+    if (t->n_dims < 1 || t->n_dims > 4) return cur_fail(c, "tensor rank");
+    for (int d = 0; d < 4; d++) t->ne[d] = 1;
+    for (uint32_t d = 0; d < t->n_dims; d++) {
+        uint64_t ne;
+        if (cur_u64(c, &ne, "tensor shape")) return -1;
+        if (ne == 0 || ne > ((uint64_t)1 << 40)) return cur_fail(c, "tensor shape");
+        t->ne[d] = (int64_t)ne;
+    }
+    return cur_u32(c, &t->type, "tensor type") || cur_u64(c, &t->offset, "tensor offset") ? -1 : 0;
+}
+
+/* Bytes of a tensor, or 0 when its type is unknown or its rows don't fit its blocks. */
+static size_t gguf_tensor_bytes(const GgufTensor *t) {
+    if (!kn_type_supported((int)t->type) || t->ne[0] % kn_block_elems((int)t->type)) return 0;
+    uint64_t rows = (uint64_t)t->ne[1] * (uint64_t)t->ne[2] * (uint64_t)t->ne[3];
+    uint64_t row = kn_row_bytes((int)t->type, t->ne[0]);
+    if (rows > ((uint64_t)1 << 44) / (row ? row : 1)) return 0;
+    return (size_t)(rows * row);
+}
+
+/* Parse an in-memory GGUF image.  Tensors of an unsupported type keep
+ * data = NULL; the model loader names them if it needs them. */
+static int gguf_parse(Gguf *g, const uint8_t *base, size_t size, char *err, size_t errlen) {
+    Cursor c = {base, base + size, err, errlen};
+    uint32_t magic;
+    uint64_t alignment = 32;
+    memset(g, 0, sizeof *g);
+    err[0] = 0;
+    g->base = base;
+    g->size = size;
+    if (cur_u32(&c, &magic, "header") || magic != 0x46554747u) {
+        snprintf(err, errlen, "not a GGUF file (bad magic)");
+        return -1;
+    }
+    if (cur_u32(&c, &g->version, "version")) return -1;
+    if (g->version < 2 || g->version > 3) {
+        snprintf(err, errlen, "unsupported GGUF version %u (need 2 or 3)", g->version);
+        return -1;
+    }
+    if (cur_u64(&c, &g->n_tensors, "tensor count") || cur_u64(&c, &g->n_kv, "metadata count")) return -1;
+    /* every entry takes at least 8 bytes of the file: a cheap bound before allocating */
+    if (g->n_kv > size / 8 || g->n_tensors > size / 8) return cur_fail(&c, "counts larger than the file");
+    g->kv = xcalloc(g->n_kv, sizeof *g->kv);
+    g->tensors = xcalloc(g->n_tensors, sizeof *g->tensors);
+    for (uint64_t i = 0; i < g->n_kv; i++) {
+        GgufKV *kv = &g->kv[i];
+        if (cur_str(&c, &kv->key, "metadata key") || cur_u32(&c, &kv->type, "metadata type") ||
+            gguf_read_value(&c, kv->type, kv, 0))
+            return -1;
+        if (str_eq(kv->key, "general.alignment")) {
+            if (kv->type != GG_U32 || kv->v.u == 0 || (kv->v.u & (kv->v.u - 1))) return cur_fail(&c, "general.alignment");
+            alignment = kv->v.u;
+        }
+    }
+    for (uint64_t i = 0; i < g->n_tensors; i++)
+        if (gguf_tensor_info(&c, &g->tensors[i])) return -1;
+    size_t data_off = (size_t)(c.p - base);
+    data_off = (data_off + alignment - 1) / alignment * alignment;
+    for (uint64_t i = 0; i < g->n_tensors; i++) {
+        GgufTensor *t = &g->tensors[i];
+        t->nbytes = gguf_tensor_bytes(t);
+        if (!t->nbytes) continue;
+        if (t->offset % alignment || data_off > size || t->offset > size - data_off || t->nbytes > size - data_off - t->offset) {
+            snprintf(err, errlen, "tensor '%.*s' data lies past the end of the file (truncated download?)", (int)t->name.n, t->name.s);
+            return -1;
+        }
+        t->data = base + data_off + t->offset;
+    }
+    return 0;
+}
+
+static void gguf_free(Gguf *g) {
+    free(g->kv);
+    free(g->tensors);
+    memset(g, 0, sizeof *g);
+}
+
+static const GgufKV *gguf_find(const Gguf *g, const char *key) {
+    for (uint64_t i = 0; i < g->n_kv; i++)
+        if (str_eq(g->kv[i].key, key)) return &g->kv[i];
+    return NULL;
+}
+
+static const GgufTensor *gguf_tensor(const Gguf *g, const char *name) {
+    for (uint64_t i = 0; i < g->n_tensors; i++)
+        if (str_eq(g->tensors[i].name, name)) return &g->tensors[i];
+    return NULL;
+}
+
+static int kv_is_int(const GgufKV *kv) {
+    return kv && kv->type != GG_F32 && kv->type != GG_F64 && kv->type != GG_STR && kv->type != GG_ARR;
+}
+
+/* Integer metadata with a default; a key of the wrong type is an error, not a silent default. */
+static int64_t meta_int(const Gguf *g, const char *key, int64_t def) {
+    const GgufKV *kv = gguf_find(g, key);
+    if (!kv) return def;
+    if (!kv_is_int(kv)) die("metadata '%s' has type %u, expected an integer", key, kv->type);
+    int is_signed = kv->type == GG_I8 || kv->type == GG_I16 || kv->type == GG_I32 || kv->type == GG_I64;
+    return is_signed ? kv->v.i : (int64_t)(kv->v.u > INT64_MAX ? INT64_MAX : kv->v.u);
+}
+
+static double meta_float(const Gguf *g, const char *key, double def) {
+    const GgufKV *kv = gguf_find(g, key);
+    if (!kv) return def;
+    if (kv->type == GG_F32 || kv->type == GG_F64) return kv->v.f;
+    return (double)meta_int(g, key, 0);
+}
+
+/* Element i of an integer or bool array. */
+static int64_t arr_int(const GgufKV *kv, uint64_t i) {
+    const uint8_t *p = kv->v.arr.data + i * gg_scalar_size[kv->v.arr.type];
+    switch (kv->v.arr.type) {
+    case GG_U8: case GG_BOOL: return p[0];
+    case GG_I8: return (int8_t)p[0];
+    case GG_U16: { uint16_t x; memcpy(&x, p, 2); return x; }
+    case GG_I16: { int16_t x; memcpy(&x, p, 2); return x; }
+    case GG_U32: { uint32_t x; memcpy(&x, p, 4); return x; }
+    case GG_I32: { int32_t x; memcpy(&x, p, 4); return x; }
+    default: { int64_t x; memcpy(&x, p, 8); return x; }
+    }
+}
+
+/* The strings of a string array, in order (already bounds-checked by the parser). */
+static Str *arr_strings(const GgufKV *kv) {
+    Str *out = xcalloc(kv->v.arr.n, sizeof *out);
+    const uint8_t *p = kv->v.arr.data;
+    for (uint64_t i = 0; i < kv->v.arr.n; i++) {
+        uint64_t n;
+        memcpy(&n, p, 8);
+        out[i].s = (const char *)p + 8;
+        out[i].n = n;
+        p += 8 + n;
+    }
+    return out;
+}
+
+typedef struct { const uint8_t *base; size_t size; } Mapping;
+
+/* mmap the file read-only; the model's weights are used in place. */
+static Mapping map_file(const char *path) {
+    Mapping m = {0};
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) die("cannot open model '%s': %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) die("cannot stat '%s': %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) die("'%s' is a directory, not a GGUF file", path);
+    if (st.st_size < 24) die("'%s' is not a GGUF file (only %lld bytes)", path, (long long)st.st_size);
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) die("cannot mmap '%s': %s", path, strerror(errno));
+    close(fd);
+    m.base = p;
+    m.size = (size_t)st.st_size;
+    return m;
+}
+
+/* ==== Model ====
+ * Config holds the hyper-parameters read from the metadata, Weights the
+ * tensors (pointers into the mapping).  The converter has already folded
+ * the +1 into the zero-centred norm weights (not ssm_norm), stored ssm_a as
+ * -exp(A_log), and, for qwen35/qwen35moe, reordered the value heads so that
+ * value head h uses key head h % n_key_heads ("tiled"); qwen3next files keep
+ * Hugging Face's grouping, value head h uses key head h / (n_v / n_k). */
+
+enum { ARCH_QWEN35, ARCH_QWEN35MOE, ARCH_QWEN3NEXT };
+static const char *const arch_names[] = {"qwen35", "qwen35moe", "qwen3next"};
+
+#define MAX_LAYERS 256
+
+typedef struct {
+    int arch;
+    int n_layer;            /* main decoder layers (block_count minus MTP layers) */
+    int n_mtp;              /* MTP blocks after them (0 or 1) */
+    int dim;                /* embedding_length */
+    int n_vocab;
+    int n_ctx_train;
+    float eps;              /* RMSNorm epsilon */
+    /* gated full attention */
+    int n_head, n_kv_head, head_dim;
+    int n_rot;              /* leading dims of each head that get RoPE */
+    float rope_theta;
+    /* Gated DeltaNet */
+    int conv_kernel;        /* causal conv width (4) */
+    int n_k_heads, n_v_heads;
+    int k_head_dim, v_head_dim;
+    int conv_dim;           /* channels through the conv: q, k (n_k_heads*k_head_dim each), v (n_v_heads*v_head_dim) */
+    int v_tiled;            /* value head h uses key head h % n_k_heads (else h / (n_v/n_k)) */
+    /* feed-forward */
+    int ffn_dim;            /* dense SwiGLU width */
+    int n_expert, n_expert_used, expert_ffn_dim, shared_ffn_dim;
+    uint8_t recurrent[MAX_LAYERS];  /* per main layer: 1 DeltaNet, 0 full attention */
+} Config;
+
+typedef struct {
+    int type;               /* KN_* weight format */
+    const void *data;       /* n_out rows of row_bytes, in the mapping */
+    int64_t n_in, n_out;
+    size_t row_bytes;
+} Mat;
+
+typedef struct {
+    const float *attn_norm;     /* [dim] */
+    const float *post_norm;     /* [dim] before the FFN */
+    /* Gated DeltaNet (recurrent layers) */
+    Mat qkv;                    /* [conv_dim][dim] */
+    Mat z;                      /* [n_v_heads*v_head_dim][dim] output gate */
+    Mat alpha, beta;            /* [n_v_heads][dim] (qwen35); qwen3next packs both in ba */
+    Mat ba;                     /* [2*n_v_heads][dim] per key-head group: beta then alpha */
+    const float *ssm_a;         /* [n_v_heads] -exp(A_log) */
+    const float *dt_bias;       /* [n_v_heads] */
+    const float *conv;          /* [conv_dim][conv_kernel] */
+    const float *ssm_norm;      /* [v_head_dim] */
+    Mat ssm_out;                /* [dim][n_v_heads*v_head_dim] */
+    /* gated full attention */
+    Mat wq;                     /* [n_head*head_dim*2][dim]: per head, query then gate */
+    Mat wk, wv;                 /* [n_kv_head*head_dim][dim] */
+    Mat wo;                     /* [dim][n_head*head_dim] */
+    const float *q_norm, *k_norm; /* [head_dim] */
+    /* dense FFN */
+    Mat ffn_gate, ffn_up;       /* [ffn_dim][dim] */
+    Mat ffn_down;               /* [dim][ffn_dim] */
+    /* MoE FFN */
+    Mat router;                 /* [n_expert][dim] */
+    Mat exp_gate, exp_up;       /* [n_expert*expert_ffn_dim][dim]: expert e's rows e*expert_ffn_dim.. */
+    Mat exp_down;               /* [n_expert*dim][expert_ffn_dim] */
+    Mat sh_gate, sh_up;         /* [shared_ffn_dim][dim] */
+    Mat sh_down;                /* [dim][shared_ffn_dim] */
+    Mat sh_router;              /* [1][dim] scalar gate of the shared expert */
+} Layer;
+
+typedef struct {
+    Mat eh_proj;                /* [dim][2*dim]: input is concat(enorm(embedding), hnorm(hidden)) */
+    const float *enorm, *hnorm; /* [dim] */
+    const float *head_norm;     /* [dim] shared_head_norm, or output_norm when absent */
+    Layer block;                /* a full-attention decoder block */
+} MtpHead;
+
+typedef struct {
+    Mat token_embd;             /* [n_vocab][dim] */
+    Mat output;                 /* [n_vocab][dim] LM head (token_embd when tied) */
+    const float *output_norm;   /* [dim] */
+    Layer layers[MAX_LAYERS];
+    MtpHead mtp;                /* valid when config.n_mtp */
+} Weights;
+
+typedef struct {
+    Mapping file;
+    Gguf gguf;
+    Config cfg;
+    Weights w;
+    float **owned;              /* norm vectors converted to f32 (stored in another type) */
+    int n_owned;
+} Model;
+
+static const GgufTensor *need_tensor(const Model *m, const char *name) {
+    const GgufTensor *t = gguf_tensor(&m->gguf, name);
+    if (!t) die("model is missing tensor '%s'", name);
+    if (!kn_type_supported((int)t->type)) die("tensor '%s' has type %s, which mtp-gen does not support", name, kn_type_name((int)t->type));
+    if (!t->data) die("tensor '%s': row of %lld elements does not fit %s blocks", name, (long long)t->ne[0], kn_type_name((int)t->type));
+    return t;
+}
+
+static void check_shape(const char *name, const GgufTensor *t, int64_t ne0, int64_t ne1, int64_t ne2) {
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != ne2 || t->ne[3] != 1)
+        die("tensor '%s' has shape [%lld, %lld, %lld], expected [%lld, %lld, %lld]", name, (long long)t->ne[0],
+            (long long)t->ne[1], (long long)t->ne[2], (long long)ne0, (long long)ne1, (long long)ne2);
+}
+
+/* A matrix of n_out (x n_mat stacked experts) rows of n_in. */
+static Mat load_mat3(const Model *m, const char *name, int64_t n_in, int64_t n_out, int64_t n_mat) {
+    const GgufTensor *t = need_tensor(m, name);
+    check_shape(name, t, n_in, n_out, n_mat);
+    return (Mat){(int)t->type, t->data, n_in, n_out * n_mat, kn_row_bytes((int)t->type, n_in)};
+}
+
+static Mat load_mat(const Model *m, const char *name, int64_t n_in, int64_t n_out) {
+    return load_mat3(m, name, n_in, n_out, 1);
+}
+
+/* A 1-D f32 vector; other float types are converted once into owned memory. */
+static const float *load_vec(Model *m, const char *name, int64_t n) {
+    const GgufTensor *t = need_tensor(m, name);
+    if (t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] != n)
+        die("tensor '%s' has %lld elements, expected %lld", name, (long long)(t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]), (long long)n);
+    if (t->type == KN_F32) return (const float *)t->data;
+    float *v = xmalloc((size_t)n * sizeof *v);
+    int64_t row = t->ne[0];
+    for (int64_t r = 0; r < n / row; r++)
+        kn_dequant_row((int)t->type, t->data + r * kn_row_bytes((int)t->type, row), v + r * row, row);
+    m->owned = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
+    if (!m->owned) die("out of memory");
+    m->owned[m->n_owned++] = v;
+    return v;
+}
+
+static int has_tensor(const Model *m, const char *name) { return gguf_tensor(&m->gguf, name) != NULL; }
+
+#define TNAME(buf, ...) (snprintf(buf, sizeof buf, __VA_ARGS__), buf)
+
+/* Read one config value "<arch>.<key>", required unless def >= 0. */
+static int64_t arch_int(const Model *m, const char *key, int64_t def) {
+    char full[128];
+    int64_t v = meta_int(&m->gguf, TNAME(full, "%s.%s", arch_names[m->cfg.arch], key), def);
+    if (v < 0) die("model metadata lacks '%s'", full);
+    return v;
+}
+
+static double arch_float(const Model *m, const char *key, double def) {
+    char full[128];
+    return meta_float(&m->gguf, TNAME(full, "%s.%s", arch_names[m->cfg.arch], key), def);
+}
+
+/* Bounds that keep every later size computation far from overflow: a model
+ * outside them is rejected before anything is allocated. */
+static void check_range(const char *what, int64_t v, int64_t lo, int64_t hi) {
+    if (v < lo || v > hi) die("model has an implausible %s (%lld; allowed %lld..%lld)", what, (long long)v, (long long)lo, (long long)hi);
+}
+
+static void load_config(Model *m) {
+    Config *c = &m->cfg;
+    const GgufKV *arch = gguf_find(&m->gguf, "general.architecture");
+    if (!arch || arch->type != GG_STR) die("model has no general.architecture");
+    c->arch = -1;
+    for (int i = 0; i < 3; i++)
+        if (str_eq(arch->v.str, arch_names[i])) c->arch = i;
+    if (c->arch < 0) die("architecture '%.*s' is not supported (mtp-gen runs qwen35, qwen35moe, qwen3next)", (int)arch->v.str.n, arch->v.str.s);
+    int64_t blocks = arch_int(m, "block_count", -1);
+    c->n_mtp = (int)arch_int(m, "nextn_predict_layers", 0);
+    check_range("block_count", blocks, 1, MAX_LAYERS - 1);
+    check_range("nextn_predict_layers", c->n_mtp, 0, 1);
+    c->n_layer = (int)(blocks - c->n_mtp);
+    check_range("number of main layers", c->n_layer, 1, MAX_LAYERS - 1);
+    c->dim = (int)arch_int(m, "embedding_length", -1);
+    c->n_ctx_train = (int)arch_int(m, "context_length", 4096);
+    c->eps = (float)arch_float(m, "attention.layer_norm_rms_epsilon", 1e-6);
+    c->n_head = (int)arch_int(m, "attention.head_count", -1);
+    c->n_kv_head = (int)arch_int(m, "attention.head_count_kv", -1);
+    c->head_dim = (int)arch_int(m, "attention.key_length", -1);
+    c->n_rot = (int)arch_int(m, "rope.dimension_count", c->head_dim);
+    c->rope_theta = (float)arch_float(m, "rope.freq_base", 1e7);
+    c->conv_kernel = (int)arch_int(m, "ssm.conv_kernel", -1);
+    c->k_head_dim = (int)arch_int(m, "ssm.state_size", -1);
+    c->n_k_heads = (int)arch_int(m, "ssm.group_count", -1);
+    c->n_v_heads = (int)arch_int(m, "ssm.time_step_rank", -1);
+    int64_t inner = arch_int(m, "ssm.inner_size", -1);
+    check_range("embedding_length", c->dim, 32, 1 << 16);
+    check_range("context_length", c->n_ctx_train, 1, 1 << 24);
+    check_range("attention.head_count", c->n_head, 1, 1024);
+    check_range("attention.head_count_kv", c->n_kv_head, 1, c->n_head);
+    check_range("attention.key_length", c->head_dim, 2, 1024);
+    check_range("rope.dimension_count", c->n_rot, 0, c->head_dim);
+    check_range("ssm.conv_kernel", c->conv_kernel, 1, 16);
+    check_range("ssm.state_size", c->k_head_dim, 1, 1024);
+    check_range("ssm.group_count", c->n_k_heads, 1, 1024);
+    check_range("ssm.time_step_rank", c->n_v_heads, c->n_k_heads, 4096);
+    check_range("ssm.inner_size", inner, c->n_v_heads, 1 << 20);
+    if (c->n_head % c->n_kv_head || c->n_v_heads % c->n_k_heads || inner % c->n_v_heads || c->n_rot % 2)
+        die("model head counts are inconsistent (heads %d/%d, ssm heads %d/%d, rope dims %d)", c->n_head, c->n_kv_head,
+            c->n_v_heads, c->n_k_heads, c->n_rot);
+    c->v_head_dim = (int)(inner / c->n_v_heads);
+    c->conv_dim = 2 * c->n_k_heads * c->k_head_dim + (int)inner;
+    c->v_tiled = c->arch != ARCH_QWEN3NEXT;
+    if (c->arch == ARCH_QWEN35) {
+        c->ffn_dim = (int)arch_int(m, "feed_forward_length", -1);
+        check_range("feed_forward_length", c->ffn_dim, 1, 1 << 20);
+    } else {
+        c->n_expert = (int)arch_int(m, "expert_count", -1);
+        c->n_expert_used = (int)arch_int(m, "expert_used_count", -1);
+        c->expert_ffn_dim = (int)arch_int(m, "expert_feed_forward_length", -1);
+        c->shared_ffn_dim = (int)arch_int(m, "expert_shared_feed_forward_length", 0);
+        check_range("expert_count", c->n_expert, 1, 4096);
+        check_range("expert_used_count", c->n_expert_used, 1, c->n_expert);
+        check_range("expert_feed_forward_length", c->expert_ffn_dim, 1, 1 << 20);
+        check_range("expert_shared_feed_forward_length", c->shared_ffn_dim, 0, 1 << 20);
+    }
+    const GgufKV *toks = gguf_find(&m->gguf, "tokenizer.ggml.tokens");
+    if (!toks || toks->type != GG_ARR || toks->v.arr.type != GG_STR) die("model has no tokenizer.ggml.tokens");
+    check_range("vocabulary size", (int64_t)toks->v.arr.n, 1, 1 << 22);
+    c->n_vocab = (int)toks->v.arr.n;
+    /* which layers are recurrent: the per-layer array when present, else every
+     * full_attention_interval-th layer is full attention */
+    char key[128];
+    const GgufKV *rec = gguf_find(&m->gguf, TNAME(key, "%s.attention.recurrent_layers", arch_names[c->arch]));
+    int64_t interval = arch_int(m, "full_attention_interval", 4);
+    check_range("full_attention_interval", interval, 1, MAX_LAYERS);
+    if (rec && (rec->type != GG_ARR || rec->v.arr.type == GG_STR || rec->v.arr.n < (uint64_t)c->n_layer))
+        die("metadata '%s' must be an array of at least %d booleans", key, c->n_layer);
+    for (int l = 0; l < c->n_layer; l++)
+        c->recurrent[l] = rec ? arr_int(rec, l) != 0 : (l + 1) % interval != 0;
+}
+
+static void load_attention(Model *m, Layer *L, int l) {
+    const Config *c = &m->cfg;
+    char n[128];
+    int q_dim = c->n_head * c->head_dim, kv_dim = c->n_kv_head * c->head_dim;
+    L->wq = load_mat(m, TNAME(n, "blk.%d.attn_q.weight", l), c->dim, 2 * q_dim);
+    L->wk = load_mat(m, TNAME(n, "blk.%d.attn_k.weight", l), c->dim, kv_dim);
+    L->wv = load_mat(m, TNAME(n, "blk.%d.attn_v.weight", l), c->dim, kv_dim);
+    L->wo = load_mat(m, TNAME(n, "blk.%d.attn_output.weight", l), q_dim, c->dim);
+    L->q_norm = load_vec(m, TNAME(n, "blk.%d.attn_q_norm.weight", l), c->head_dim);
+    L->k_norm = load_vec(m, TNAME(n, "blk.%d.attn_k_norm.weight", l), c->head_dim);
+}
+
+static void load_deltanet(Model *m, Layer *L, int l) {
+    const Config *c = &m->cfg;
+    char n[128];
+    int inner = c->n_v_heads * c->v_head_dim;
+    L->qkv = load_mat(m, TNAME(n, "blk.%d.attn_qkv.weight", l), c->dim, c->conv_dim);
+    L->z = load_mat(m, TNAME(n, "blk.%d.attn_gate.weight", l), c->dim, inner);
+    if (c->arch == ARCH_QWEN3NEXT) {
+        L->ba = load_mat(m, TNAME(n, "blk.%d.ssm_ba.weight", l), c->dim, 2 * c->n_v_heads);
+    } else {
+        L->alpha = load_mat(m, TNAME(n, "blk.%d.ssm_alpha.weight", l), c->dim, c->n_v_heads);
+        L->beta = load_mat(m, TNAME(n, "blk.%d.ssm_beta.weight", l), c->dim, c->n_v_heads);
+    }
+    L->ssm_a = load_vec(m, TNAME(n, "blk.%d.ssm_a", l), c->n_v_heads);
+    L->dt_bias = load_vec(m, TNAME(n, "blk.%d.ssm_dt.bias", l), c->n_v_heads);
+    L->conv = load_vec(m, TNAME(n, "blk.%d.ssm_conv1d.weight", l), (int64_t)c->conv_dim * c->conv_kernel);
+    L->ssm_norm = load_vec(m, TNAME(n, "blk.%d.ssm_norm.weight", l), c->v_head_dim);
+    L->ssm_out = load_mat(m, TNAME(n, "blk.%d.ssm_out.weight", l), inner, c->dim);
+}
+
+static void load_ffn(Model *m, Layer *L, int l) {
+    const Config *c = &m->cfg;
+    char n[128];
+    if (c->arch == ARCH_QWEN35) {
+        L->ffn_gate = load_mat(m, TNAME(n, "blk.%d.ffn_gate.weight", l), c->dim, c->ffn_dim);
+        L->ffn_up = load_mat(m, TNAME(n, "blk.%d.ffn_up.weight", l), c->dim, c->ffn_dim);
+        L->ffn_down = load_mat(m, TNAME(n, "blk.%d.ffn_down.weight", l), c->ffn_dim, c->dim);
+        return;
+    }
+    L->router = load_mat(m, TNAME(n, "blk.%d.ffn_gate_inp.weight", l), c->dim, c->n_expert);
+    L->exp_gate = load_mat3(m, TNAME(n, "blk.%d.ffn_gate_exps.weight", l), c->dim, c->expert_ffn_dim, c->n_expert);
+    L->exp_up = load_mat3(m, TNAME(n, "blk.%d.ffn_up_exps.weight", l), c->dim, c->expert_ffn_dim, c->n_expert);
+    L->exp_down = load_mat3(m, TNAME(n, "blk.%d.ffn_down_exps.weight", l), c->expert_ffn_dim, c->dim, c->n_expert);
+    if (c->shared_ffn_dim) {
+        L->sh_gate = load_mat(m, TNAME(n, "blk.%d.ffn_gate_shexp.weight", l), c->dim, c->shared_ffn_dim);
+        L->sh_up = load_mat(m, TNAME(n, "blk.%d.ffn_up_shexp.weight", l), c->dim, c->shared_ffn_dim);
+        L->sh_down = load_mat(m, TNAME(n, "blk.%d.ffn_down_shexp.weight", l), c->shared_ffn_dim, c->dim);
+        const GgufTensor *t = need_tensor(m, TNAME(n, "blk.%d.ffn_gate_inp_shexp.weight", l));
+        if (t->ne[0] != c->dim || t->ne[1] * t->ne[2] * t->ne[3] != 1) die("tensor '%s' must have %d elements", n, c->dim);
+        L->sh_router = (Mat){(int)t->type, t->data, c->dim, 1, kn_row_bytes((int)t->type, c->dim)};
+    }
+}
+
+static void load_block(Model *m, Layer *L, int l, int recurrent) {
+    char n[128];
+    L->attn_norm = load_vec(m, TNAME(n, "blk.%d.attn_norm.weight", l), m->cfg.dim);
+    L->post_norm = load_vec(m, TNAME(n, "blk.%d.post_attention_norm.weight", l), m->cfg.dim);
+    if (recurrent)
+        load_deltanet(m, L, l);
+    else
+        load_attention(m, L, l);
+    load_ffn(m, L, l);
+}
+
+static void load_weights(Model *m) {
+    const Config *c = &m->cfg;
+    Weights *w = &m->w;
+    w->token_embd = load_mat(m, "token_embd.weight", c->dim, c->n_vocab);
+    w->output = has_tensor(m, "output.weight") ? load_mat(m, "output.weight", c->dim, c->n_vocab) : w->token_embd;
+    w->output_norm = load_vec(m, "output_norm.weight", c->dim);
+    for (int l = 0; l < c->n_layer; l++) load_block(m, &w->layers[l], l, c->recurrent[l]);
+    if (!c->n_mtp) return;
+    char n[128];
+    int l = c->n_layer;
+    MtpHead *h = &w->mtp;
+    h->eh_proj = load_mat(m, TNAME(n, "blk.%d.nextn.eh_proj.weight", l), 2 * c->dim, c->dim);
+    h->enorm = load_vec(m, TNAME(n, "blk.%d.nextn.enorm.weight", l), c->dim);
+    h->hnorm = load_vec(m, TNAME(n, "blk.%d.nextn.hnorm.weight", l), c->dim);
+    h->head_norm = has_tensor(m, TNAME(n, "blk.%d.nextn.shared_head_norm.weight", l)) ? load_vec(m, n, c->dim) : w->output_norm;
+    load_block(m, &h->block, l, 0);
+}
+
+/* Map and parse the file; config and weights come after, since a
+ * vocabulary-only file is enough for --tokenize. */
+static void model_open(Model *m, const char *path) {
+    char err[256];
+    memset(m, 0, sizeof *m);
+    m->file = map_file(path);
+    if (gguf_parse(&m->gguf, m->file.base, m->file.size, err, sizeof err)) die("%s: %s", path, err);
+}
+
+static void model_free(Model *m) {
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    gguf_free(&m->gguf);
+    munmap((void *)m->file.base, m->file.size);
+}
+
+/* ==== Thread pool ====
+ * Workers are started once and wait for a new generation number.  They spin
+ * briefly first (a decode step dispatches a few hundred small jobs, so
+ * sleeping between them would cost more than the work) and then park on a
+ * condition variable, so an idle REPL burns no CPU.  The calling thread runs
+ * share 0 of every job itself. */
+
+typedef void (*PoolFn)(void *ctx, int ith, int nth);
+
+typedef struct {
+    int n_threads;
+    pthread_t *threads;         /* [n_threads-1] workers */
+    pthread_mutex_t mu;
+    pthread_cond_t wake;
+    atomic_uint_fast64_t generation;
+    atomic_int pending;         /* workers still running the current job */
+    PoolFn fn;
+    void *ctx;
+    int quit;
+} Pool;
+
+typedef struct { Pool *pool; int ith; } PoolWorker;
+
+#define SPIN_ITERS 200000
+
+static void *pool_worker(void *arg) {
+    PoolWorker *me = arg;
+    Pool *p = me->pool;
+    uint64_t seen = 0;
+    for (;;) {
+        uint64_t gen;
+        for (int i = 0; (gen = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen && i < SPIN_ITERS; i++)
+            ;
+        if (gen == seen) {
+            pthread_mutex_lock(&p->mu);
+            while ((gen = atomic_load(&p->generation)) == seen) pthread_cond_wait(&p->wake, &p->mu);
+            pthread_mutex_unlock(&p->mu);
+        }
+        seen = gen;
+        if (p->quit) break;
+        p->fn(p->ctx, me->ith, p->n_threads);
+        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
+    }
+    free(me);
+    return NULL;
+}
+
+static void pool_init(Pool *p, int n_threads) {
+    memset(p, 0, sizeof *p);
+    p->n_threads = n_threads;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    p->threads = xcalloc((size_t)n_threads, sizeof *p->threads);
+    for (int i = 1; i < n_threads; i++) {
+        PoolWorker *w = xmalloc(sizeof *w);
+        *w = (PoolWorker){p, i};
+        if (pthread_create(&p->threads[i - 1], NULL, pool_worker, w)) die("cannot start thread %d", i);
+    }
+}
+
+static void pool_kick(Pool *p) {
+    atomic_store(&p->pending, p->n_threads - 1);
+    pthread_mutex_lock(&p->mu);
+    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->mu);
+}
+
+static void pool_run(Pool *p, PoolFn fn, void *ctx) {
+    if (p->n_threads == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    pool_kick(p);
+    fn(ctx, 0, p->n_threads);
+    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0)
+        ;
+}
+
+static void pool_free(Pool *p) {
+    if (p->n_threads > 1) {
+        p->quit = 1;
+        pool_kick(p);
+        for (int i = 0; i < p->n_threads - 1; i++) pthread_join(p->threads[i], NULL);
+    }
+    free(p->threads);
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->wake);
+}
+
+/* Share [*lo, *hi) of n items for thread ith of nth, in multiples of align
+ * so that neighbouring threads never write the same cache line. */
+static void pool_share(int64_t n, int ith, int nth, int64_t align, int64_t *lo, int64_t *hi) {
+    int64_t units = (n + align - 1) / align;
+    *lo = units * ith / nth * align;
+    *hi = units * (ith + 1) / nth * align;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+
+/* ==== Matrix products ====
+ * y[r] = W x[r] for a batch of activation rows.  Activations are prepared
+ * once (quantised to the kernel's 8-bit blocks), then each thread takes a
+ * slice of output rows and, for each small tile of weight rows, runs every
+ * group of KN_MAX_ROWS activation rows: the tile stays in cache, so a batch
+ * of tokens reads the weights from memory once. */
+
+#define MATMUL_TILE 16
+
+typedef struct {
+    const Mat *w;
+    const uint8_t *act;         /* [n][act_bytes] prepared activations */
+    size_t act_bytes;
+    int n;
+    float *y;                   /* [n][w->n_out] */
+} MatmulJob;
+
+static void matmul_worker(void *ctx, int ith, int nth) {
+    const MatmulJob *j = ctx;
+    int64_t lo, hi;
+    pool_share(j->w->n_out, ith, nth, MATMUL_TILE, &lo, &hi);
+    for (int64_t i0 = lo; i0 < hi; i0 += MATMUL_TILE) {
+        int64_t i1 = i0 + MATMUL_TILE < hi ? i0 + MATMUL_TILE : hi;
+        for (int r = 0; r < j->n; r += KN_MAX_ROWS) {
+            int nr = j->n - r < KN_MAX_ROWS ? j->n - r : KN_MAX_ROWS;
+            kn_matmul(j->w->type, j->w->data, j->w->row_bytes, j->w->n_in, i0, i1, j->act + (size_t)r * j->act_bytes,
+                      j->act_bytes, nr, j->y + (int64_t)r * j->w->n_out, j->w->n_out);
+        }
+    }
+}
+
+/* ==== State ====
+ * Everything one sequence carries from token to token.  Full-attention
+ * layers keep K/V per position; the cache is truncated by moving n_past back.
+ * DeltaNet layers keep a conv window and a [k_head_dim][v_head_dim]
+ * recurrent state per value head.  Those live in a ring of n_slots copies:
+ * a speculative batch writes token j's state into slot (slot+j+1), so
+ * rejecting drafts is just choosing which slot becomes current - no copies
+ * taken in advance, no recomputation. */
+
+#define UBATCH 32               /* tokens per forward call in prefill */
+
+typedef struct {
+    int n_ctx;                  /* positions the caches can hold */
+    int n_past;                 /* committed positions */
+    int n_slots;                /* recurrent state copies: 1 + the longest speculative batch */
+    int slot;                   /* slot holding the committed recurrent state */
+    float *k_cache[MAX_LAYERS]; /* full-attention layers: [n_ctx][n_kv_head*head_dim] */
+    float *v_cache[MAX_LAYERS]; /* same shape */
+    float *conv[MAX_LAYERS];    /* recurrent layers: [n_slots][conv_kernel-1][conv_dim] */
+    float *ssm[MAX_LAYERS];     /* recurrent layers: [n_slots][n_v_heads][k_head_dim][v_head_dim] */
+    float *mtp_k, *mtp_v;       /* the MTP block's own cache: [n_ctx][n_kv_head*head_dim] */
+    int mtp_n;                  /* teacher-forced MTP cache entries: positions 0..mtp_n-1 */
+} State;
+
+static size_t conv_slot_floats(const Config *c) { return (size_t)(c->conv_kernel - 1) * c->conv_dim; }
+static size_t ssm_slot_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_head_dim * c->v_head_dim; }
+
+static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
+    memset(s, 0, sizeof *s);
+    s->n_ctx = n_ctx;
+    s->n_slots = n_slots;
+    size_t kv = (size_t)n_ctx * c->n_kv_head * c->head_dim;
+    for (int l = 0; l < c->n_layer; l++) {
+        if (c->recurrent[l]) {
+            s->conv[l] = xcalloc(n_slots * conv_slot_floats(c), sizeof(float));
+            s->ssm[l] = xcalloc(n_slots * ssm_slot_floats(c), sizeof(float));
+        } else {
+            s->k_cache[l] = xcalloc(kv, sizeof(float));
+            s->v_cache[l] = xcalloc(kv, sizeof(float));
+        }
+    }
+    if (c->n_mtp) {
+        s->mtp_k = xcalloc(kv, sizeof(float));
+        s->mtp_v = xcalloc(kv, sizeof(float));
+    }
+}
+
+static void state_free(State *s) {
+    for (int l = 0; l < MAX_LAYERS; l++) {
+        free(s->k_cache[l]);
+        free(s->v_cache[l]);
+        free(s->conv[l]);
+        free(s->ssm[l]);
+    }
+    free(s->mtp_k);
+    free(s->mtp_v);
+}
+
+/* Keep the first n_keep tokens of a speculative batch. */
+static void state_commit(State *s, int n_keep) {
+    s->n_past += n_keep;
+    s->slot = (s->slot + n_keep) % s->n_slots;
+}
+
+/* ==== Forward ====
+ * One call runs the main model over n <= UBATCH tokens at positions
+ * n_past.. and leaves, per row, the hidden state after the final norm (the
+ * MTP head's input) and optionally the logits.  Every per-token computation
+ * is the same code whatever n is, so a K+1-token verify reproduces K+1
+ * single-token steps bit for bit (see the determinism contract in
+ * kernels/kernels.h). */
+
+typedef struct {
+    float *x;                   /* [UBATCH][dim] residual stream */
+    float *xn;                  /* [UBATCH][dim] normed input of a sub-layer */
+    float *proj;                /* [UBATCH][max projection width] */
+    float *gate;                /* [UBATCH][max gate width] */
+    float *mix;                 /* [UBATCH][max mixer output width] */
+    float *k, *v;               /* [UBATCH][n_kv_head*head_dim] */
+    float *out;                 /* [UBATCH][dim] a sub-layer's output */
+    float *ab;                  /* [UBATCH][2*n_v_heads] alpha/beta logits; also router logits [UBATCH][n_expert] */
+    float *conv_win;            /* [conv_kernel-1+UBATCH][conv_dim] */
+    float *decay, *beta;        /* [UBATCH][n_v_heads] */
+    float *att;                 /* [n_threads][n_ctx] attention scores */
+    float *ffn_a, *ffn_b;       /* [UBATCH][max ffn width] */
+    float *moe_w;               /* [UBATCH][n_expert] routing weight (0 when unused) */
+    float *moe_x, *moe_y;       /* [UBATCH][dim] rows gathered for one expert */
+    int *moe_rows;              /* [UBATCH] */
+    float *hidden;              /* [UBATCH][dim] after the final norm */
+    float *logits;              /* [UBATCH][n_vocab] */
+    float *mtp_in;              /* [UBATCH][2*dim] MTP head input before eh_proj */
+    uint8_t *act;               /* [UBATCH][max activation row bytes] prepared activations */
+} Scratch;
+
+typedef struct {
+    Model *model;
+    Pool pool;
+    State st;
+    Scratch s;
+} Engine;
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) {
+    size_t B = UBATCH, q_dim = (size_t)c->n_head * c->head_dim, inner = (size_t)c->n_v_heads * c->v_head_dim;
+    size_t proj = max_sz(2 * q_dim, (size_t)c->conv_dim);
+    size_t mix = max_sz(q_dim, inner);
+    size_t ffn = max_sz((size_t)c->ffn_dim, max_sz((size_t)c->expert_ffn_dim, (size_t)c->shared_ffn_dim));
+    size_t max_in = max_sz(max_sz(2 * (size_t)c->dim, mix), ffn);
+    s->x = xcalloc(B * c->dim, sizeof(float));
+    s->xn = xcalloc(B * c->dim, sizeof(float));
+    s->proj = xcalloc(B * proj, sizeof(float));
+    s->gate = xcalloc(B * mix, sizeof(float));
+    s->mix = xcalloc(B * mix, sizeof(float));
+    s->k = xcalloc(B * c->n_kv_head * c->head_dim, sizeof(float));
+    s->v = xcalloc(B * c->n_kv_head * c->head_dim, sizeof(float));
+    s->out = xcalloc(B * c->dim, sizeof(float));
+    s->ab = xcalloc(B * max_sz(2 * (size_t)c->n_v_heads, (size_t)c->n_expert), sizeof(float));
+    s->conv_win = xcalloc((c->conv_kernel - 1 + B) * (size_t)c->conv_dim, sizeof(float));
+    s->decay = xcalloc(B * c->n_v_heads, sizeof(float));
+    s->beta = xcalloc(B * c->n_v_heads, sizeof(float));
+    s->att = xcalloc((size_t)n_threads * n_ctx, sizeof(float));
+    s->ffn_a = xcalloc(B * ffn, sizeof(float));
+    s->ffn_b = xcalloc(B * ffn, sizeof(float));
+    s->moe_w = xcalloc(B * max_sz(1, (size_t)c->n_expert), sizeof(float));
+    s->moe_x = xcalloc(B * c->dim, sizeof(float));
+    s->moe_y = xcalloc(B * c->dim, sizeof(float));
+    s->moe_rows = xcalloc(B, sizeof(int));
+    s->hidden = xcalloc(B * c->dim, sizeof(float));
+    s->logits = xcalloc(B * c->n_vocab, sizeof(float));
+    s->mtp_in = xcalloc(B * 2 * c->dim, sizeof(float));
+    s->act = xcalloc(B, kn_act_row_bytes(KN_F32, (int64_t)max_in) + 64);
+}
+
+static void scratch_free(Scratch *s) {
+    float *bufs[] = {s->x, s->xn, s->proj, s->gate, s->mix, s->k, s->v, s->out, s->ab, s->conv_win, s->decay,
+                     s->beta, s->att, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
+    free(s->moe_rows);
+    free(s->act);
+}
+
+/* y[n][w->n_out] = W x[n][w->n_in] */
+static void matmul(Engine *e, const Mat *w, const float *x, int n, float *y) {
+    size_t ab = kn_act_row_bytes(w->type, w->n_in);
+    for (int r = 0; r < n; r++) kn_act_prepare(w->type, x + (int64_t)r * w->n_in, w->n_in, e->s.act + r * ab);
+    MatmulJob job = {w, e->s.act, ab, n, y};
+    pool_run(&e->pool, matmul_worker, &job);
+}
+
+static void rmsnorm_rows(float *out, const float *x, const float *w, int n, int dim, float eps) {
+    for (int r = 0; r < n; r++) kn_rmsnorm(out + (int64_t)r * dim, x + (int64_t)r * dim, w, dim, eps);
+}
+
+static void add_rows(float *x, const float *y, int64_t count) {
+    for (int64_t i = 0; i < count; i++) x[i] += y[i];
+}
+
+static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static float siluf(float x) { return x / (1.0f + expf(-x)); }
+static float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* NeoX-style rotary embedding on the first n_rot dims: pairs (i, i + n_rot/2).
+ * Qwen3.5's interleaved multi-axis RoPE reduces to this for text, where the
+ * temporal, height and width positions are all the token position. */
+static void rope(float *v, int n_rot, int pos, float theta) {
+    int half = n_rot / 2;
+    for (int i = 0; i < half; i++) {
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)n_rot);
+        float angle = (float)pos * inv_freq, c = cosf(angle), s = sinf(angle);
+        float a = v[i], b = v[i + half];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+    }
+}
+
+/* ---- gated full attention ---- */
+
+typedef struct {
+    const Config *c;
+    const float *q;             /* [n][2*q_dim]: per head, query then gate */
+    const float *k_cache, *v_cache;
+    float *out;                 /* [n][q_dim] */
+    float *scores;              /* [nth][n_ctx] */
+    int n_ctx, n, pos0;
+} AttnJob;
+
+static void attn_head(const AttnJob *j, int r, int h, float *sc) {
+    const Config *c = j->c;
+    int hd = c->head_dim, kv_dim = c->n_kv_head * hd, kvh = h / (c->n_head / c->n_kv_head);
+    const float *q = j->q + (int64_t)r * 2 * c->n_head * hd + (int64_t)h * 2 * hd;
+    const float *gate = q + hd;
+    int n_keys = j->pos0 + r + 1;
+    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0;
+    for (int t = 0; t < n_keys; t++) {
+        sc[t] = kn_dot(q, j->k_cache + (int64_t)t * kv_dim + kvh * hd, hd) * scale;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    for (int t = 0; t < n_keys; t++) sum += sc[t] = expf(sc[t] - mx);
+    float *o = j->out + (int64_t)r * c->n_head * hd + (int64_t)h * hd;
+    memset(o, 0, hd * sizeof *o);
+    for (int t = 0; t < n_keys; t++) kn_axpy(o, sc[t] / sum, j->v_cache + (int64_t)t * kv_dim + kvh * hd, hd);
+    for (int i = 0; i < hd; i++) o[i] *= sigmoidf(gate[i]);
+}
+
+static void attn_worker(void *ctx, int ith, int nth) {
+    const AttnJob *j = ctx;
+    int64_t lo, hi;
+    pool_share((int64_t)j->n * j->c->n_head, ith, nth, 1, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) attn_head(j, (int)(i / j->c->n_head), (int)(i % j->c->n_head), j->scores + (int64_t)ith * j->n_ctx);
+}
+
+/* x += attention(xn) for n tokens at pos0.., appending their K/V to the cache. */
+static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache, int n, int pos0) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    int hd = c->head_dim, q_dim = c->n_head * hd, kv_dim = c->n_kv_head * hd;
+    matmul(e, &L->wq, s->xn, n, s->proj);
+    matmul(e, &L->wk, s->xn, n, s->k);
+    matmul(e, &L->wv, s->xn, n, s->v);
+    for (int r = 0; r < n; r++) {
+        for (int h = 0; h < c->n_head; h++) {
+            float *q = s->proj + (int64_t)r * 2 * q_dim + (int64_t)h * 2 * hd;
+            kn_rmsnorm(q, q, L->q_norm, hd, c->eps);
+            rope(q, c->n_rot, pos0 + r, c->rope_theta);
+        }
+        float *kc = k_cache + (int64_t)(pos0 + r) * kv_dim, *vc = v_cache + (int64_t)(pos0 + r) * kv_dim;
+        for (int h = 0; h < c->n_kv_head; h++) {
+            kn_rmsnorm(kc + h * hd, s->k + (int64_t)r * kv_dim + h * hd, L->k_norm, hd, c->eps);
+            rope(kc + h * hd, c->n_rot, pos0 + r, c->rope_theta);
+        }
+        memcpy(vc, s->v + (int64_t)r * kv_dim, kv_dim * sizeof *vc);
+    }
+    AttnJob job = {c, s->proj, k_cache, v_cache, s->mix, s->att, e->st.n_ctx, n, pos0};
+    pool_run(&e->pool, attn_worker, &job);
+    matmul(e, &L->wo, s->mix, n, s->out);
+    add_rows(s->x, s->out, (int64_t)n * c->dim);
+}
+
+/* ---- Gated DeltaNet ---- */
+
+typedef struct {
+    const Config *c;
+    const Layer *L;
+    State *st;
+    int layer, n, spec;
+    const float *qkv;           /* [n][conv_dim] after conv, SiLU and the q/k L2 norms */
+    const float *decay, *beta;  /* [n][n_v_heads] */
+    float *out;                 /* [n][n_v_heads*v_head_dim] */
+} DeltaJob;
+
+/* Slot a token of the batch reads its recurrent state from / writes it to. */
+static int slot_in(const State *s, int r, int spec) { return spec ? (s->slot + r) % s->n_slots : s->slot; }
+static int slot_out(const State *s, int r, int spec) { return spec ? (s->slot + r + 1) % s->n_slots : s->slot; }
+
+static void delta_worker(void *ctx, int ith, int nth) {
+    const DeltaJob *j = ctx;
+    const Config *c = j->c;
+    int dk = c->k_head_dim, dv = c->v_head_dim, group = c->n_v_heads / c->n_k_heads;
+    size_t head_floats = (size_t)dk * dv;
+    int64_t lo, hi;
+    pool_share(c->n_v_heads, ith, nth, 1, &lo, &hi);
+    for (int h = (int)lo; h < hi; h++) {
+        int kh = c->v_tiled ? h % c->n_k_heads : h / group;
+        for (int r = 0; r < j->n; r++) {
+            float *S_in = j->st->ssm[j->layer] + slot_in(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
+            float *S = j->st->ssm[j->layer] + slot_out(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
+            if (S != S_in) memcpy(S, S_in, head_floats * sizeof *S);
+            const float *row = j->qkv + (int64_t)r * c->conv_dim;
+            const float *q = row + kh * dk, *k = row + c->n_k_heads * dk + kh * dk;
+            const float *v = row + 2 * c->n_k_heads * dk + h * dv;
+            kn_delta_step(S, q, k, v, j->decay[r * c->n_v_heads + h], j->beta[r * c->n_v_heads + h],
+                          j->out + (int64_t)r * c->n_v_heads * dv + h * dv, dk, dv);
+        }
+    }
+}
+
+static void l2norm_scaled(float *v, int n, float scale) {
+    float ss = kn_dot(v, v, n);
+    kn_scale(v, scale / sqrtf(ss + 1e-6f), n);
+}
+
+/* Depthwise causal conv over [previous conv_kernel-1 inputs, this batch],
+ * then SiLU; stores each token's conv window in its output slot. */
+static void deltanet_conv(Engine *e, const Layer *L, int layer, int n, int spec) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    State *st = &e->st;
+    int K = c->conv_kernel, C = c->conv_dim;
+    size_t keep = conv_slot_floats(c);
+    memcpy(s->conv_win, st->conv[layer] + slot_in(st, 0, spec) * keep, keep * sizeof(float));
+    memcpy(s->conv_win + keep, s->proj, (size_t)n * C * sizeof(float));
+    for (int r = 0; r < n; r++) {
+        float *y = s->proj + (int64_t)r * C;
+        for (int ch = 0; ch < C; ch++) {
+            float acc = 0;
+            for (int t = 0; t < K; t++) acc += L->conv[ch * K + t] * s->conv_win[(int64_t)(r + t) * C + ch];
+            y[ch] = siluf(acc);
+        }
+        if (spec || r == n - 1)
+            memcpy(st->conv[layer] + slot_out(st, r, spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
+    }
+}
+
+/* Per token and value head: decay = exp(ssm_a * softplus(alpha + dt_bias)), beta = sigmoid(beta). */
+static void deltanet_gates(Engine *e, const Layer *L, int n) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    int nv = c->n_v_heads, group = nv / c->n_k_heads;
+    for (int r = 0; r < n; r++)
+        for (int h = 0; h < nv; h++) {
+            float a, b;
+            if (c->arch == ARCH_QWEN3NEXT) {    /* per key-head group: [beta x group, alpha x group] */
+                const float *g = s->ab + (int64_t)r * 2 * nv + (h / group) * 2 * group;
+                b = g[h % group];
+                a = g[group + h % group];
+            } else {
+                a = s->ab[(int64_t)r * 2 * nv + h];
+                b = s->ab[(int64_t)r * 2 * nv + nv + h];
+            }
+            s->decay[r * nv + h] = expf(L->ssm_a[h] * softplusf(a + L->dt_bias[h]));
+            s->beta[r * nv + h] = sigmoidf(b);
+        }
+}
+
+static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    int nv = c->n_v_heads, dk = c->k_head_dim, dv = c->v_head_dim;
+    matmul(e, &L->qkv, s->xn, n, s->proj);
+    matmul(e, &L->z, s->xn, n, s->gate);
+    if (c->arch == ARCH_QWEN3NEXT) {
+        matmul(e, &L->ba, s->xn, n, s->ab);
+    } else {    /* alpha then beta into one [n][2*nv] block */
+        matmul(e, &L->alpha, s->xn, n, s->out);
+        matmul(e, &L->beta, s->xn, n, s->out + (int64_t)n * nv);
+        for (int r = 0; r < n; r++) {
+            memcpy(s->ab + (int64_t)r * 2 * nv, s->out + (int64_t)r * nv, nv * sizeof(float));
+            memcpy(s->ab + (int64_t)r * 2 * nv + nv, s->out + (int64_t)n * nv + (int64_t)r * nv, nv * sizeof(float));
+        }
+    }
+    deltanet_conv(e, L, layer, n, spec);
+    for (int r = 0; r < n; r++) {
+        float *row = s->proj + (int64_t)r * c->conv_dim;
+        for (int h = 0; h < c->n_k_heads; h++) {
+            l2norm_scaled(row + h * dk, dk, 1.0f / sqrtf((float)dk));
+            l2norm_scaled(row + (c->n_k_heads + h) * dk, dk, 1.0f);
+        }
+    }
+    deltanet_gates(e, L, n);
+    DeltaJob job = {c, L, &e->st, layer, n, spec, s->proj, s->decay, s->beta, s->mix};
+    pool_run(&e->pool, delta_worker, &job);
+    /* gated RMSNorm per value head: norm(o) * w * silu(z) */
+    for (int r = 0; r < n; r++)
+        for (int h = 0; h < nv; h++) {
+            float *o = s->mix + (int64_t)r * nv * dv + h * dv;
+            const float *z = s->gate + (int64_t)r * nv * dv + h * dv;
+            kn_rmsnorm(o, o, L->ssm_norm, dv, c->eps);
+            for (int i = 0; i < dv; i++) o[i] *= siluf(z[i]);
+        }
+    matmul(e, &L->ssm_out, s->mix, n, s->out);
+    add_rows(s->x, s->out, (int64_t)n * c->dim);
+}
+
+/* ---- feed-forward ---- */
+
+/* out[n][dim] = down(silu(gate xn) * up xn) */
+static void swiglu_ffn(Engine *e, const Mat *gate, const Mat *up, const Mat *down, const float *xin, int n, float *out) {
+    Scratch *s = &e->s;
+    matmul(e, gate, xin, n, s->ffn_a);
+    matmul(e, up, xin, n, s->ffn_b);
+    kn_swiglu(s->ffn_a, s->ffn_a, s->ffn_b, (int64_t)n * gate->n_out);
+    matmul(e, down, s->ffn_a, n, out);
+}
+
+static Mat mat_rows(const Mat *m, int64_t first, int64_t count) {
+    return (Mat){m->type, (const uint8_t *)m->data + first * m->row_bytes, m->n_in, count, m->row_bytes};
+}
+
+/* Softmax router, top-k experts per token, weights renormalised over the chosen ones. */
+static void moe_route(Engine *e, const Layer *L, int n) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    int E = c->n_expert;
+    matmul(e, &L->router, s->xn, n, s->ab);
+    memset(s->moe_w, 0, (size_t)n * E * sizeof(float));
+    for (int r = 0; r < n; r++) {
+        float *lg = s->ab + (int64_t)r * E, mx = -INFINITY, sum = 0, chosen = 0;
+        for (int x = 0; x < E; x++) mx = lg[x] > mx ? lg[x] : mx;
+        for (int x = 0; x < E; x++) sum += lg[x] = expf(lg[x] - mx);
+        for (int k = 0; k < c->n_expert_used; k++) {
+            int best = -1;
+            for (int x = 0; x < E; x++)
+                if (s->moe_w[r * E + x] == 0 && (best < 0 || lg[x] > lg[best])) best = x;
+            s->moe_w[r * E + best] = lg[best] / sum;
+            chosen += lg[best] / sum;
+        }
+        for (int x = 0; x < E; x++) s->moe_w[r * E + x] /= chosen;
+    }
+}
+
+/* Each expert's weights are read once for all the batch rows routed to it;
+ * a row sums its experts in expert order whatever the batch, so routing and
+ * results don't depend on what else is in the batch. */
+static void moe_ffn(Engine *e, const Layer *L, int n) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    int E = c->n_expert, F = c->expert_ffn_dim, D = c->dim;
+    moe_route(e, L, n);
+    memset(s->out, 0, (size_t)n * D * sizeof(float));
+    for (int x = 0; x < E; x++) {
+        int m = 0;
+        for (int r = 0; r < n; r++)
+            if (s->moe_w[r * E + x] > 0) {
+                s->moe_rows[m] = r;
+                memcpy(s->moe_x + (int64_t)m++ * D, s->xn + (int64_t)r * D, D * sizeof(float));
+            }
+        if (!m) continue;
+        Mat g = mat_rows(&L->exp_gate, (int64_t)x * F, F), u = mat_rows(&L->exp_up, (int64_t)x * F, F);
+        Mat d = mat_rows(&L->exp_down, (int64_t)x * D, D);
+        swiglu_ffn(e, &g, &u, &d, s->moe_x, m, s->moe_y);
+        for (int i = 0; i < m; i++) kn_axpy(s->out + (int64_t)s->moe_rows[i] * D, s->moe_w[s->moe_rows[i] * E + x], s->moe_y + (int64_t)i * D, D);
+    }
+    if (c->shared_ffn_dim) {
+        swiglu_ffn(e, &L->sh_gate, &L->sh_up, &L->sh_down, s->xn, n, s->moe_y);
+        matmul(e, &L->sh_router, s->xn, n, s->moe_x);
+        for (int r = 0; r < n; r++) kn_axpy(s->out + (int64_t)r * D, sigmoidf(s->moe_x[r]), s->moe_y + (int64_t)r * D, D);
+    }
+}
+
+static void ffn(Engine *e, const Layer *L, int n) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    if (c->arch == ARCH_QWEN35)
+        swiglu_ffn(e, &L->ffn_gate, &L->ffn_up, &L->ffn_down, s->xn, n, s->out);
+    else
+        moe_ffn(e, L, n);
+    add_rows(s->x, s->out, (int64_t)n * c->dim);
+}
+
+/* One decoder block on s->x: mixer (DeltaNet or attention) then FFN, each pre-normed with a residual. */
+static void block(Engine *e, const Layer *L, int layer, int recurrent, float *k_cache, float *v_cache, int n, int pos0, int spec) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    rmsnorm_rows(s->xn, s->x, L->attn_norm, n, c->dim, c->eps);
+    if (recurrent)
+        deltanet(e, L, layer, n, spec);
+    else
+        attention(e, L, k_cache, v_cache, n, pos0);
+    rmsnorm_rows(s->xn, s->x, L->post_norm, n, c->dim, c->eps);
+    ffn(e, L, n);
+}
+
+static void embed(Engine *e, const int32_t *tokens, int n, float *out) {
+    const Mat *te = &e->model->w.token_embd;
+    for (int r = 0; r < n; r++)
+        kn_dequant_row(te->type, (const uint8_t *)te->data + (int64_t)tokens[r] * te->row_bytes, out + (int64_t)r * te->n_in, te->n_in);
+}
+
+/* Logits for n rows of normed hidden state. */
+static void lm_head(Engine *e, const float *hidden, int n, float *logits) {
+    matmul(e, &e->model->w.output, hidden, n, logits);
+}
+
+/* Run n <= UBATCH tokens at positions n_past...  Leaves s.hidden[n][dim]
+ * (after the final norm) and logits for every row (all_logits) or only the
+ * last row (in s.logits row 0).  Without spec the tokens are committed; with
+ * spec the caller keeps a prefix with state_commit(). */
+static void forward(Engine *e, const int32_t *tokens, int n, int spec, int all_logits) {
+    const Model *m = e->model;
+    const Config *c = &m->cfg;
+    Scratch *s = &e->s;
+    State *st = &e->st;
+    int pos0 = st->n_past;
+    embed(e, tokens, n, s->x);
+    for (int l = 0; l < c->n_layer; l++)
+        block(e, &m->w.layers[l], l, c->recurrent[l], st->k_cache[l], st->v_cache[l], n, pos0, spec);
+    rmsnorm_rows(s->hidden, s->x, m->w.output_norm, n, c->dim, c->eps);
+    if (all_logits)
+        lm_head(e, s->hidden, n, s->logits);
+    else
+        lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits);
+    if (!spec) st->n_past += n;
+}
+
+/* ==== MTP head ====
+ * blk.{n_layer}: x = eh_proj · [RMSNorm(embed(t_next), enorm), RMSNorm(h, hnorm)],
+ * one gated-attention decoder block with its own KV cache, shared_head_norm,
+ * and the main model's LM head.  h is the main model's hidden state after
+ * output_norm at the position that produced t_next, and the row runs at that
+ * position.  Chained drafts feed the head its own normed output as h.
+ * Teacher-forced rows for every accepted position keep its cache in step
+ * with the main model's; rows written by chained drafts are overwritten by
+ * the next call, since every call truncates the cache to its first position. */
+
+enum { LOGITS_NONE, LOGITS_LAST, LOGITS_ALL };
+
+/* Rows i < n: hidden h[i] and token toks[i] at position pos0+i.  Leaves the
+ * head's normed output in s.hidden and logits as asked in s.logits. */
+static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, int pos0, int logits) {
+    const Model *m = e->model;
+    const Config *c = &m->cfg;
+    const MtpHead *head = &m->w.mtp;
+    Scratch *s = &e->s;
+    int D = c->dim;
+    embed(e, toks, n, s->out);
+    for (int r = 0; r < n; r++) {
+        float *in = s->mtp_in + (int64_t)r * 2 * D;
+        kn_rmsnorm(in, s->out + (int64_t)r * D, head->enorm, D, c->eps);
+        kn_rmsnorm(in + D, h + (int64_t)r * D, head->hnorm, D, c->eps);
+    }
+    matmul(e, &head->eh_proj, s->mtp_in, n, s->x);
+    block(e, &head->block, -1, 0, e->st.mtp_k, e->st.mtp_v, n, pos0, 0);
+    rmsnorm_rows(s->hidden, s->x, head->head_norm, n, D, c->eps);
+    if (logits == LOGITS_ALL)
+        lm_head(e, s->hidden, n, s->logits);
+    else if (logits == LOGITS_LAST)
+        lm_head(e, s->hidden + (int64_t)(n - 1) * D, 1, s->logits);
+}
+
+/* ==== Sampler ====
+ * Logits become a sparse distribution: repetition penalty over the recent
+ * tokens, temperature, top-k (a bounded heap, no full sort of a 248k
+ * vocabulary), min-p (a cut on the logits, before any exp), top-p over the
+ * sorted survivors.  Temperature 0 is greedy: a one-hot distribution at the
+ * argmax (lowest id on ties).  The speculative acceptance rule below works on
+ * these distributions, so drafts and targets see exactly the same transforms. */
+
+typedef struct {
+    float temp, top_p, min_p, rep_penalty;
+    int top_k, rep_last_n;
+    uint64_t rng;
+} SamplerCfg;
+
+typedef struct {
+    int n;                      /* candidates, most probable first */
+    int32_t *ids;               /* [n_vocab] capacity */
+    float *p;                   /* [n_vocab] probabilities summing to 1 */
+} Dist;
+
+typedef struct {
+    SamplerCfg cfg;
+    int n_vocab;
+    float *work;                /* [n_vocab] transformed logits */
+    float *dense;               /* [n_vocab] zero except while a rule runs */
+    uint8_t *seen;              /* [n_vocab] penalty bookkeeping */
+} Sampler;
+
+static void sampler_init(Sampler *s, const SamplerCfg *cfg, int n_vocab) {
+    s->cfg = *cfg;
+    s->n_vocab = n_vocab;
+    s->work = xcalloc(n_vocab, sizeof(float));
+    s->dense = xcalloc(n_vocab, sizeof(float));
+    s->seen = xcalloc(n_vocab, 1);
+}
+
+static void sampler_free(Sampler *s) {
+    free(s->work);
+    free(s->dense);
+    free(s->seen);
+}
+
+static void dist_init(Dist *d, int n_vocab) {
+    d->n = 0;
+    d->ids = xcalloc(n_vocab, sizeof *d->ids);
+    d->p = xcalloc(n_vocab, sizeof *d->p);
+}
+
+static void dist_free(Dist *d) {
+    free(d->ids);
+    free(d->p);
+}
+
+/* xorshift64*: small, fast, and reproducible across platforms for --seed */
+static float rng_uniform(uint64_t *state) {
+    uint64_t x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return (float)((x * 0x2545F4914F6CDD1DULL) >> 40) / (float)(1 << 24);
+}
+
+static int argmax(const float *v, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Penalise tokens that appeared in the last rep_last_n of hist (llama.cpp's rule:
+ * positive logits are divided, negative ones multiplied). */
+static void apply_penalty(Sampler *s, float *lg, const int32_t *hist, int n_hist) {
+    const SamplerCfg *c = &s->cfg;
+    if (c->rep_penalty == 1.0f || c->rep_last_n == 0) return;
+    int from = c->rep_last_n > 0 && n_hist > c->rep_last_n ? n_hist - c->rep_last_n : 0;
+    for (int i = from; i < n_hist; i++) {
+        int32_t t = hist[i];
+        if (s->seen[t]) continue;
+        s->seen[t] = 1;
+        lg[t] = lg[t] > 0 ? lg[t] / c->rep_penalty : lg[t] * c->rep_penalty;
+    }
+    for (int i = from; i < n_hist; i++) s->seen[hist[i]] = 0;
+}
+
+/* Min-heap of candidate ids keyed by logit: keeps the k largest. */
+static void heap_sift(int32_t *heap, int n, const float *lg, int i) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && lg[heap[l]] < lg[heap[m]]) m = l;
+        if (r < n && lg[heap[r]] < lg[heap[m]]) m = r;
+        if (m == i) return;
+        int32_t t = heap[i];
+        heap[i] = heap[m];
+        heap[m] = t;
+        i = m;
+    }
+}
+
+static const float *g_sort_p;
+static int cmp_prob_desc(const void *a, const void *b) {
+    float pa = g_sort_p[*(const int32_t *)a], pb = g_sort_p[*(const int32_t *)b];
+    if (pa != pb) return pa < pb ? 1 : -1;
+    return *(const int32_t *)a - *(const int32_t *)b;
+}
+
+/* Logits (not modified) -> distribution d, with hist[0..n_hist) the sequence so far. */
+static void sampler_dist(Sampler *s, const float *logits, const int32_t *hist, int n_hist, Dist *d) {
+    const SamplerCfg *c = &s->cfg;
+    int V = s->n_vocab;
+    float *lg = s->work;
+    memcpy(lg, logits, (size_t)V * sizeof *lg);
+    apply_penalty(s, lg, hist, n_hist);
+    if (c->temp <= 0) {
+        d->n = 1;
+        d->ids[0] = argmax(lg, V);
+        d->p[0] = 1;
+        return;
+    }
+    float mx = lg[argmax(lg, V)];
+    float cut = c->min_p > 0 ? mx + c->temp * logf(c->min_p) : -INFINITY;  /* p >= min_p * p_max */
+    int k = c->top_k > 0 && c->top_k < V ? c->top_k : V, n = 0;
+    for (int i = 0; i < V; i++) {
+        if (lg[i] < cut) continue;
+        if (n < k) {
+            d->ids[n++] = i;
+            if (n == k)
+                for (int j = k / 2 - 1; j >= 0; j--) heap_sift(d->ids, k, lg, j);
+        } else if (lg[i] > lg[d->ids[0]]) {
+            d->ids[0] = i;
+            heap_sift(d->ids, k, lg, 0);
+        }
+    }
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += lg[d->ids[i]] = expf((lg[d->ids[i]] - mx) / c->temp);
+    for (int i = 0; i < n; i++) lg[d->ids[i]] = (float)(lg[d->ids[i]] / sum);
+    g_sort_p = lg;
+    qsort(d->ids, n, sizeof *d->ids, cmp_prob_desc);
+    double keep = 0;
+    int m = 0;
+    while (m < n && (m == 0 || keep < c->top_p)) keep += lg[d->ids[m++]];
+    for (int i = 0; i < m; i++) d->p[i] = (float)(lg[d->ids[i]] / keep);
+    d->n = m;
+}
+
+static int32_t dist_sample(const Dist *d, uint64_t *rng) {
+    if (d->n == 1) return d->ids[0];
+    float u = rng_uniform(rng), acc = 0;
+    for (int i = 0; i < d->n; i++)
+        if (u < (acc += d->p[i])) return d->ids[i];
+    return d->ids[d->n - 1];
+}
+
+static float dist_prob(const Dist *d, int32_t id) {
+    for (int i = 0; i < d->n; i++)
+        if (d->ids[i] == id) return d->p[i];
+    return 0;
+}
+
+/* Lossless speculative sampling (Leviathan et al., Chen et al.): a draft
+ * drawn from q is kept with probability min(1, p(d)/q(d)); otherwise the
+ * replacement is drawn from normalize(max(0, p - q)).  The emitted token is
+ * then distributed exactly as p.  Returns 1 when the draft is kept, else 0
+ * with the replacement in *out.  Greedy (one-hot p and q) reduces to
+ * "keep the draft iff it is the argmax". */
+static int spec_accept(Sampler *s, const Dist *p, const Dist *q, int32_t draft, int32_t *out) {
+    float pd = dist_prob(p, draft), qd = dist_prob(q, draft);
+    if (qd > 0 && pd >= qd) return 1;
+    if (qd > 0 && pd > 0 && rng_uniform(&s->cfg.rng) * qd < pd) return 1;
+    for (int i = 0; i < q->n; i++) s->dense[q->ids[i]] = q->p[i];
+    double total = 0;
+    for (int i = 0; i < p->n; i++) {
+        float r = p->p[i] - s->dense[p->ids[i]];
+        total += r > 0 ? r : 0;
+    }
+    *out = p->ids[0];
+    if (total > 0) {
+        double u = rng_uniform(&s->cfg.rng) * total, acc = 0;
+        for (int i = 0; i < p->n; i++) {
+            float r = p->p[i] - s->dense[p->ids[i]];
+            if (r > 0 && u < (acc += r)) {
+                *out = p->ids[i];
+                break;
+            }
+        }
+    }
+    for (int i = 0; i < q->n; i++) s->dense[q->ids[i]] = 0;
+    return 0;
+}
+
+/* ==== Tokenizer ==== */
+#include "tokenizer_section.c"
+
+/* ==== Generation: prefill, draft, verify, accept ====
+ * The sequence is toks[0..n_toks): all but the last token are in the main
+ * model's state (n_past == n_toks - 1 once generation runs); the last one is
+ * the next input.  A step drafts k tokens with the MTP head, runs
+ * [last, d1..dk] through the main model in one speculative call, keeps the
+ * longest accepted prefix plus the main model's own next token, and commits
+ * exactly the emitted tokens.  MTP rows (hidden state, next token) for every
+ * committed position wait in `pending` and enter the head's cache in one
+ * batch when the next draft needs them, so keeping the head in step costs
+ * almost nothing when drafting is off (k = 0). */
+
+#define MAX_DRAFT 16
+#define PEND_CAP (2 * UBATCH + MAX_DRAFT + 1)
+
+typedef struct {
+    int n_draft;                /* drafts per step; the cap when adaptive */
+    int adaptive;               /* choose k per step from measured acceptance and costs */
+    float p_min;                /* stop drafting below this draft probability */
+    int optimistic;             /* keep every draft unverified (lossy) */
+} SpecCfg;
+
+typedef struct {
+    int n_prompt, n_gen;
+    double load_ms, prompt_ms, gen_ms, first_token_ms;
+    long steps, drafted, tested, accepted;
+    long tested_at[MAX_DRAFT], accepted_at[MAX_DRAFT];
+    double draft_ms, verify_ms, rollback_ms;
+    double *token_ms;           /* [n_gen] arrival time of each generated token */
+    int token_cap;
+} Stats;
+
+typedef int (*EmitFn)(void *ud, int32_t token);   /* nonzero stops generation */
+
+typedef struct {
+    Engine *e;
+    Sampler *smp;
+    SpecCfg spec;
+    int use_mtp;                /* the head is kept in step and drafts */
+    int32_t *toks;              /* [n_ctx + MAX_DRAFT + 1] the sequence, drafts appended while verifying */
+    int n_toks;
+    float *pend_h;              /* [PEND_CAP][dim] MTP rows not yet in the head's cache */
+    int32_t *pend_t;            /* [PEND_CAP] their next tokens */
+    int n_pend;
+    float *h_last;              /* [dim] hidden state of the last position the main model ran */
+    Dist p, q[MAX_DRAFT];
+    float alpha[MAX_DRAFT];     /* running P(draft i accepted | drafts before it accepted) */
+    double t_draft, t_verify[MAX_DRAFT + 2]; /* running costs in ms: one draft step, a verify of n tokens */
+    int probe;                  /* steps since drafting was last tried (adaptive) */
+    const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
+    int ignore_eos;
+    volatile sig_atomic_t *stop;
+    Stats st;
+} Gen;
+
+static void gen_init(Gen *g, Engine *e, Sampler *smp, const SpecCfg *spec, int use_mtp, const uint8_t *eog) {
+    const Config *c = &e->model->cfg;
+    memset(g, 0, sizeof *g);
+    g->e = e;
+    g->smp = smp;
+    g->spec = *spec;
+    g->use_mtp = use_mtp;
+    g->eog = eog;
+    g->toks = xcalloc((size_t)e->st.n_ctx + MAX_DRAFT + 1, sizeof *g->toks);
+    g->pend_h = xcalloc((size_t)PEND_CAP * c->dim, sizeof(float));
+    g->pend_t = xcalloc(PEND_CAP, sizeof *g->pend_t);
+    g->h_last = xcalloc(c->dim, sizeof(float));
+    dist_init(&g->p, c->n_vocab);
+    for (int i = 0; i < MAX_DRAFT; i++) {
+        dist_init(&g->q[i], c->n_vocab);
+        g->alpha[i] = 0.5f;
+    }
+}
+
+static void gen_free(Gen *g) {
+    free(g->toks);
+    free(g->pend_h);
+    free(g->pend_t);
+    free(g->h_last);
+    free(g->st.token_ms);
+    dist_free(&g->p);
+    for (int i = 0; i < MAX_DRAFT; i++) dist_free(&g->q[i]);
+}
+
+static void mtp_push(Gen *g, const float *h, int32_t next) {
+    int D = g->e->model->cfg.dim;
+    memcpy(g->pend_h + (int64_t)g->n_pend * D, h, D * sizeof(float));
+    g->pend_t[g->n_pend++] = next;
+}
+
+/* Feed pending rows to the head; with want_logits the last row's draft logits are left in s.logits. */
+static void mtp_catch_up(Gen *g, int want_logits) {
+    Engine *e = g->e;
+    int D = e->model->cfg.dim, done = 0;
+    while (done < g->n_pend) {
+        int n = g->n_pend - done < UBATCH ? g->n_pend - done : UBATCH;
+        int last = done + n == g->n_pend;
+        mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, last && want_logits ? LOGITS_LAST : LOGITS_NONE);
+        e->st.mtp_n += n;
+        done += n;
+    }
+    g->n_pend = 0;
+}
+
+/* Append tokens to the sequence and run every not-yet-processed one through
+ * the main model, UBATCH at a time, queueing their MTP rows.  logits_out,
+ * when given, receives every row's logits.  Leaves the last row's logits in
+ * s.logits row 0 and its hidden state in h_last. */
+static void gen_feed(Gen *g, const int32_t *tokens, int n, FILE *logits_out) {
+    Engine *e = g->e;
+    const Config *c = &e->model->cfg;
+    memcpy(g->toks + g->n_toks, tokens, n * sizeof *tokens);
+    g->n_toks += n;
+    while (e->st.n_past < g->n_toks) {
+        int p0 = e->st.n_past, m = g->n_toks - p0 < UBATCH ? g->n_toks - p0 : UBATCH;
+        forward(e, g->toks + p0, m, 0, logits_out ? LOGITS_ALL : LOGITS_LAST);
+        if (logits_out) {
+            if (fwrite(e->s.logits, sizeof(float) * c->n_vocab, m, logits_out) != (size_t)m) die("cannot write logits: %s", strerror(errno));
+            memmove(e->s.logits, e->s.logits + (int64_t)(m - 1) * c->n_vocab, c->n_vocab * sizeof(float));
+        }
+        memcpy(g->h_last, e->s.hidden + (int64_t)(m - 1) * c->dim, c->dim * sizeof(float));
+        if (!g->use_mtp) continue;
+        for (int r = 0; r < m && p0 + r + 1 < g->n_toks; r++) mtp_push(g, e->s.hidden + (int64_t)r * c->dim, g->toks[p0 + r + 1]);
+        if (g->n_pend >= UBATCH) mtp_catch_up(g, 0);
+    }
+}
+
+/* Softmax probability of the top logit: how sure the head is of a greedy draft. */
+static float top_prob(const float *lg, int n) {
+    float mx = lg[argmax(lg, n)];
+    double sum = 0;
+    for (int i = 0; i < n; i++) sum += expf(lg[i] - mx);
+    return (float)(1.0 / sum);
+}
+
+/* Draft up to k tokens after the sequence's last token into toks[n_toks..];
+ * returns how many. */
+static int draft(Gen *g, int k) {
+    Engine *e = g->e;
+    const Config *c = &e->model->cfg;
+    int32_t *drafts = g->toks + g->n_toks;
+    mtp_catch_up(g, 1);
+    int n = 0;
+    for (; n < k; n++) {
+        if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST);
+        if (g->spec.p_min > 0 && top_prob(e->s.logits, c->n_vocab) < g->spec.p_min) break;
+        sampler_dist(g->smp, e->s.logits, g->toks, g->n_toks + n, &g->q[n]);
+        drafts[n] = dist_sample(&g->q[n], &g->smp->cfg.rng);
+    }
+    return n;
+}
+
+/* Expected tokens per ms for k drafts under the running estimates. */
+static double k_value(const Gen *g, int k) {
+    double expect = 1, run = 1;
+    for (int i = 0; i < k; i++) expect += run *= g->alpha[i];
+    double tv = g->t_verify[k + 1] > 0 ? g->t_verify[k + 1] : g->t_verify[1] * (1 + 0.05 * k);
+    return expect / (k * g->t_draft + tv);
+}
+
+/* Adaptive depth: the k that maximises expected tokens per unit time, with
+ * an occasional one-draft probe so that k = 0 can recover. */
+static int choose_k(Gen *g) {
+    if (!g->spec.adaptive) return g->spec.n_draft;
+    if (g->t_verify[1] <= 0 || g->t_draft <= 0) return g->t_verify[1] <= 0 ? 0 : 1;
+    int best = 0;
+    for (int k = 1; k <= g->spec.n_draft; k++)
+        if (k_value(g, k) > k_value(g, best)) best = k;
+    if (best == 0 && ++g->probe >= 16) {
+        g->probe = 0;
+        return 1;
+    }
+    return best;
+}
+
+static void ema(double *v, double x) { *v = *v > 0 ? 0.9 * *v + 0.1 * x : x; }
+
+static double elapsed_since(double t0) { return now_ms() - t0; }
+
+/* Emit tokens until end-of-generation, the budget, or a stop request;
+ * returns how many were emitted. */
+static int emit_tokens(Gen *g, const int32_t *toks, int n, int budget, EmitFn emit, void *ud, int *done) {
+    int j = 0;
+    while (j < n && !*done) {
+        int32_t t = toks[j++];
+        if (g->st.n_gen >= g->st.token_cap) {
+            g->st.token_cap = g->st.token_cap ? 2 * g->st.token_cap : 256;
+            g->st.token_ms = realloc(g->st.token_ms, g->st.token_cap * sizeof(double));
+            if (!g->st.token_ms) die("out of memory");
+        }
+        g->st.token_ms[g->st.n_gen++] = now_ms();
+        int eog = !g->ignore_eos && g->eog[t];
+        if (emit(ud, t) || eog || g->st.n_gen >= budget || (g->stop && *g->stop)) *done = 1;
+    }
+    return j;
+}
+
+/* Verify [last, d1..dk]: the longest accepted prefix, then one token of the
+ * main model's own, into out[]; returns the number of accepted drafts. */
+static int verify(Gen *g, int n_draft, int32_t *out) {
+    Engine *e = g->e;
+    const Config *c = &e->model->cfg;
+    const int32_t *drafts = g->toks + g->n_toks;
+    double t0 = now_ms();
+    forward(e, g->toks + g->n_toks - 1, n_draft + 1, n_draft > 0, n_draft > 0 ? LOGITS_ALL : LOGITS_LAST);
+    ema(&g->t_verify[n_draft + 1], elapsed_since(t0));
+    g->st.verify_ms += elapsed_since(t0);
+    int n_acc = 0;
+    for (;; n_acc++) {
+        sampler_dist(g->smp, e->s.logits + (int64_t)n_acc * c->n_vocab, g->toks, g->n_toks + n_acc, &g->p);
+        if (n_acc == n_draft) {
+            out[n_acc] = dist_sample(&g->p, &g->smp->cfg.rng);
+            break;
+        }
+        g->st.tested_at[n_acc]++;
+        if (!g->spec.optimistic && !spec_accept(g->smp, &g->p, &g->q[n_acc], drafts[n_acc], &out[n_acc])) break;
+        g->st.accepted_at[n_acc]++;
+        out[n_acc] = drafts[n_acc];
+    }
+    for (int i = 0; i < n_draft && i <= n_acc; i++) g->alpha[i] = 0.9f * g->alpha[i] + 0.1f * (i < n_acc);
+    if (n_draft) {
+        g->st.steps++;
+        g->st.drafted += n_draft;
+        g->st.tested += n_acc < n_draft ? n_acc + 1 : n_draft;
+        g->st.accepted += n_acc;
+    }
+    return n_acc;
+}
+
+/* One step from the sequence's last token: draft, verify, emit, and commit
+ * exactly the emitted tokens (the verify's hidden row i belongs to the
+ * position whose next token is out[i]). */
+static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
+    Engine *e = g->e;
+    const Config *c = &e->model->cfg;
+    int32_t out[MAX_DRAFT + 1];
+    if (g->use_mtp && g->n_pend >= UBATCH) mtp_catch_up(g, 0);
+    int k = g->use_mtp ? choose_k(g) : 0, room = e->st.n_ctx - e->st.n_past - 1, left = budget - g->st.n_gen - 1;
+    if (k > room) k = room;
+    if (k > left) k = left;
+    if (k < 0) k = 0;
+    double t0 = now_ms();
+    int n_draft = k ? draft(g, k) : 0;
+    if (k) {
+        ema(&g->t_draft, elapsed_since(t0) / k);
+        g->st.draft_ms += elapsed_since(t0);
+    }
+    int n_acc = verify(g, n_draft, out);
+    int n_out = emit_tokens(g, out, n_acc + 1, budget, emit, ud, done);
+    t0 = now_ms();
+    if (n_draft) state_commit(&e->st, n_out);
+    for (int i = 0; g->use_mtp && i < n_out; i++) mtp_push(g, e->s.hidden + (int64_t)i * c->dim, out[i]);
+    memcpy(g->h_last, e->s.hidden + (int64_t)(n_out - 1) * c->dim, c->dim * sizeof(float));
+    memcpy(g->toks + g->n_toks, out, n_out * sizeof *out);
+    g->n_toks += n_out;
+    g->st.rollback_ms += elapsed_since(t0);
+}
+
+/* Feed the prompt (appended to whatever the sequence holds), then generate
+ * up to budget tokens. */
+static void generate(Gen *g, const int32_t *prompt, int n_prompt, int budget, FILE *logits_out, EmitFn emit, void *ud) {
+    Engine *e = g->e;
+    double t0 = now_ms();
+    gen_feed(g, prompt, n_prompt, logits_out);
+    g->st.n_prompt += n_prompt;
+    g->st.prompt_ms += elapsed_since(t0);
+    if (budget <= 0) return;
+    t0 = now_ms();
+    int done = 0;
+    sampler_dist(g->smp, e->s.logits, g->toks, g->n_toks, &g->p);
+    int32_t first = dist_sample(&g->p, &g->smp->cfg.rng);
+    emit_tokens(g, &first, 1, budget, emit, ud, &done);
+    g->st.first_token_ms = elapsed_since(t0);
+    if (g->use_mtp) mtp_push(g, g->h_last, first);
+    g->toks[g->n_toks++] = first;
+    while (!done && e->st.n_past < e->st.n_ctx) gen_step(g, budget, emit, ud, &done);
+    if (!done) fprintf(stderr, "mtp-gen: context full (%d tokens): stopping; use -c for a larger context\n", e->st.n_ctx);
+    g->st.gen_ms += elapsed_since(t0);
+}
+
+/* ==== CLI ====
+ * llama.cpp-like flags.  Generated text alone goes to stdout, flushed per
+ * token so pipes see it as it comes; load info, timings and errors go to
+ * stderr.  Every error is one line and a non-zero exit. */
+
+typedef struct {
+    const char *model, *prompt, *prompt_file, *logits_out, *stats_json;
+    int n_predict, n_ctx, n_threads;
+    int display_prompt, quiet, verbose, tokenize_only, print_ids, ignore_eos;
+    int mtp;                    /* -1 auto (on when the model has a head), 0 off, 1 asked for */
+    SamplerCfg sampling;
+    long long seed;
+    SpecCfg spec;
+} Options;
+
+static void usage(FILE *f) {
+    fputs(
+"usage: mtp-gen -m MODEL.gguf [options]\n"
+"\n"
+"Generate text with a Qwen3.5 / Qwen3.6 / Qwen3-Next GGUF model, drafting tokens\n"
+"with the model's own MTP head and verifying them in one batched pass.\n"
+"\n"
+"input and output:\n"
+"  -m, --model FILE        GGUF model file (qwen35, qwen35moe, qwen3next)\n"
+"  -p, --prompt TEXT       prompt; '-' reads it from stdin (default when stdin is not a terminal)\n"
+"  -f, --file FILE         read the prompt from FILE\n"
+"  -n, --n-predict N       tokens to generate (default 128; -1 = until end of text or context)\n"
+"  -c, --ctx-size N        context size in tokens (default min(4096, the model's))\n"
+"  -t, --threads N         threads (default: physical cores)\n"
+"      --no-display-prompt do not echo the prompt before the generated text\n"
+"      --ids               print generated token ids instead of text\n"
+"      --tokenize          print the prompt's token ids and exit\n"
+"      --logits-out FILE   write float32 logits of every prompt position [n_prompt x n_vocab]\n"
+"      --ignore-eos        keep generating past end-of-text tokens\n"
+"  -q, --quiet             nothing on stderr but errors\n"
+"  -v, --verbose           per-step speculation details on stderr\n"
+"\n"
+"sampling:\n"
+"      --temp T            temperature (default 0.8; 0 = greedy)\n"
+"      --top-k N           keep the N most likely tokens (default 40; 0 = off)\n"
+"      --top-p P           nucleus sampling (default 0.95; 1 = off)\n"
+"      --min-p P           drop tokens below P x the top probability (default 0.05; 0 = off)\n"
+"      --repeat-penalty R  penalise recent tokens (default 1.0 = off)\n"
+"      --repeat-last-n N   tokens the penalty looks back over (default 64)\n"
+"  -s, --seed N            random seed (default: from the clock)\n"
+"\n"
+"speculative decoding with the MTP head (on by default when the model has one):\n"
+"      --draft N           tokens drafted per step (default 2; 0 = off)\n"
+"      --draft-max N       adaptive: choose 0..N drafts per step from measured acceptance and cost\n"
+"      --draft-p-min P     stop drafting when the head's probability falls below P (default 0)\n"
+"      --mtp               ask for speculation (warns if the model has no MTP head)\n"
+"      --no-mtp            plain decoding\n"
+"      --mtp-optimistic    keep drafts without verifying them: faster, but the output is NOT\n"
+"                          the model's own (lossy); for experiments only\n"
+"      --stats-json FILE   write timing and acceptance statistics as JSON\n"
+"  -h, --help              this text\n", f);
+}
+
+static long long parse_int(const char *flag, const char *v, long long lo, long long hi) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (!*v || *end || errno || x < lo || x > hi) die("%s expects an integer in %lld..%lld, got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static float parse_float(const char *flag, const char *v, float lo, float hi) {
+    char *end;
+    errno = 0;
+    float x = strtof(v, &end);
+    if (!*v || *end || errno || !(x >= lo && x <= hi)) die("%s expects a number in %g..%g, got '%s'", flag, lo, hi, v);
+    return x;
+}
+
+static int physical_cores(void) {
+    int logical = (int)sysconf(_SC_NPROCESSORS_ONLN), cores = 0;
+    char seen[4096] = "", path[128], buf[64];
+    for (int i = 0; i < logical; i++) {
+        FILE *f = fopen(TNAME(path, "/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list", i), "r");
+        if (!f) return logical > 0 ? logical : 1;
+        if (fgets(buf, sizeof buf, f) && !strstr(seen, buf) && strlen(seen) + strlen(buf) < sizeof seen - 1) {
+            strcat(seen, buf);
+            cores++;
+        }
+        fclose(f);
+    }
+    return cores > 0 ? cores : 1;
+}
+
+static void parse_args(int argc, char **argv, Options *o) {
+    memset(o, 0, sizeof *o);
+    o->n_predict = 128;
+    o->display_prompt = 1;
+    o->mtp = -1;
+    o->seed = -1;
+    o->sampling = (SamplerCfg){.temp = 0.8f, .top_p = 0.95f, .min_p = 0.05f, .rep_penalty = 1.0f, .top_k = 40, .rep_last_n = 64};
+    o->spec = (SpecCfg){.n_draft = 2};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+#define FLAG(s, l) (!strcmp(a, s) || !strcmp(a, l))
+#define VALUE() (i + 1 < argc ? argv[++i] : (die("%s needs a value", a), ""))
+        if (FLAG("-h", "--help")) { usage(stdout); exit(0); }
+        else if (FLAG("-m", "--model")) o->model = VALUE();
+        else if (FLAG("-p", "--prompt")) o->prompt = VALUE();
+        else if (FLAG("-f", "--file")) o->prompt_file = VALUE();
+        else if (FLAG("-n", "--n-predict")) o->n_predict = (int)parse_int(a, VALUE(), -1, INT32_MAX);
+        else if (FLAG("-c", "--ctx-size")) o->n_ctx = (int)parse_int(a, VALUE(), 1, 1 << 24);
+        else if (FLAG("-t", "--threads")) o->n_threads = (int)parse_int(a, VALUE(), 1, 1024);
+        else if (FLAG("-s", "--seed")) o->seed = parse_int(a, VALUE(), -1, INT64_MAX);
+        else if (FLAG("-q", "--quiet")) o->quiet = 1;
+        else if (FLAG("-v", "--verbose")) o->verbose = 1;
+        else if (!strcmp(a, "--temp")) o->sampling.temp = parse_float(a, VALUE(), 0, 100);
+        else if (!strcmp(a, "--top-k")) o->sampling.top_k = (int)parse_int(a, VALUE(), 0, INT32_MAX);
+        else if (!strcmp(a, "--top-p")) o->sampling.top_p = parse_float(a, VALUE(), 0, 1);
+        else if (!strcmp(a, "--min-p")) o->sampling.min_p = parse_float(a, VALUE(), 0, 1);
+        else if (!strcmp(a, "--repeat-penalty")) o->sampling.rep_penalty = parse_float(a, VALUE(), 0.01f, 100);
+        else if (!strcmp(a, "--repeat-last-n")) o->sampling.rep_last_n = (int)parse_int(a, VALUE(), -1, INT32_MAX);
+        else if (!strcmp(a, "--no-display-prompt")) o->display_prompt = 0;
+        else if (!strcmp(a, "--ids")) o->print_ids = 1;
+        else if (!strcmp(a, "--tokenize")) o->tokenize_only = 1;
+        else if (!strcmp(a, "--logits-out")) o->logits_out = VALUE();
+        else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
+        else if (!strcmp(a, "--draft")) o->spec.n_draft = (int)parse_int(a, VALUE(), 0, MAX_DRAFT), o->spec.adaptive = 0;
+        else if (!strcmp(a, "--draft-max")) o->spec.n_draft = (int)parse_int(a, VALUE(), 1, MAX_DRAFT), o->spec.adaptive = 1;
+        else if (!strcmp(a, "--draft-p-min")) o->spec.p_min = parse_float(a, VALUE(), 0, 1);
+        else if (!strcmp(a, "--mtp")) o->mtp = 1;
+        else if (!strcmp(a, "--no-mtp")) o->mtp = 0;
+        else if (!strcmp(a, "--mtp-optimistic")) o->spec.optimistic = 1;
+        else if (!strcmp(a, "--stats-json")) o->stats_json = VALUE();
+        else die("unknown option '%s' (see --help)", a);
+#undef FLAG
+#undef VALUE
+    }
+    if (!o->model) die("no model given (use -m MODEL.gguf; see --help)");
+    if (o->prompt && o->prompt_file) die("give the prompt with -p or -f, not both");
+    if (o->spec.n_draft == 0) o->mtp = 0;
+}
+
+/* The whole of a file (or stdin for "-"), NUL-terminated. */
+static char *read_all(const char *path, size_t *len) {
+    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    if (!f) die("cannot open prompt file '%s': %s", path, strerror(errno));
+    size_t cap = 1 << 16, n = 0;
+    char *buf = xmalloc(cap);
+    for (size_t got; (got = fread(buf + n, 1, cap - n - 1, f)) > 0;) {
+        n += got;
+        if (cap - n - 1 == 0) {
+            if (cap > ((size_t)1 << 32)) die("prompt larger than 4 GB");
+            buf = realloc(buf, cap *= 2);
+            if (!buf) die("out of memory reading the prompt");
+        }
+    }
+    if (ferror(f)) die("cannot read prompt '%s': %s", path, strerror(errno));
+    if (f != stdin) fclose(f);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+/* ---- tokenizer from the GGUF metadata ---- */
+
+typedef struct {
+    Tokenizer tok;
+    uint8_t *eog;               /* [n_vocab] tokens that end generation */
+    uint8_t *hidden;            /* [n_vocab] control tokens, never printed as text */
+} Vocab;
+
+static TokStr *tok_strs(const GgufKV *kv) {
+    Str *s = arr_strings(kv);
+    TokStr *t = xcalloc(kv->v.arr.n, sizeof *t);
+    for (uint64_t i = 0; i < kv->v.arr.n; i++) {
+        if (s[i].n > UINT32_MAX) die("token %llu is too long", (unsigned long long)i);
+        t[i] = (TokStr){s[i].s, (uint32_t)s[i].n};
+    }
+    free(s);
+    return t;
+}
+
+static void vocab_load(Vocab *v, const Gguf *g) {
+    const GgufKV *toks = gguf_find(g, "tokenizer.ggml.tokens"), *merges = gguf_find(g, "tokenizer.ggml.merges");
+    const GgufKV *types = gguf_find(g, "tokenizer.ggml.token_type"), *pre = gguf_find(g, "tokenizer.ggml.pre");
+    const GgufKV *model = gguf_find(g, "tokenizer.ggml.model");
+    if (!toks || toks->type != GG_ARR || toks->v.arr.type != GG_STR) die("model has no tokenizer.ggml.tokens");
+    if (!model || model->type != GG_STR || !str_eq(model->v.str, "gpt2")) die("tokenizer model must be 'gpt2' (byte-level BPE)");
+    if (!merges || merges->type != GG_ARR || merges->v.arr.type != GG_STR) die("model has no tokenizer.ggml.merges");
+    if (toks->v.arr.n > (1u << 22) || merges->v.arr.n > (1u << 23)) die("tokenizer is implausibly large");
+    int n_vocab = (int)toks->v.arr.n;
+    int32_t *type = NULL;
+    if (types) {
+        if (types->type != GG_ARR || types->v.arr.type == GG_STR || types->v.arr.n != (uint64_t)n_vocab)
+            die("tokenizer.ggml.token_type must be %d integers", n_vocab);
+        type = xcalloc(n_vocab, sizeof *type);
+        for (int i = 0; i < n_vocab; i++) type[i] = (int32_t)arr_int(types, i);
+    }
+    char pre_name[32] = "qwen2", err[256];
+    if (pre && pre->type == GG_STR) snprintf(pre_name, sizeof pre_name, "%.*s", (int)(pre->v.str.n < 31 ? pre->v.str.n : 31), pre->v.str.s);
+    TokStr *ts = tok_strs(toks), *ms = tok_strs(merges);
+    if (tok_init(&v->tok, ts, type, n_vocab, ms, (int)merges->v.arr.n, pre_name, err, sizeof err)) die("tokenizer: %s", err);
+    free(ts);
+    free(ms);
+    v->eog = xcalloc(n_vocab, 1);
+    v->hidden = xcalloc(n_vocab, 1);
+    for (int i = 0; type && i < n_vocab; i++) v->hidden[i] = type[i] == 3;
+    const char *eog_keys[] = {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"};
+    for (int i = 0; i < 3; i++) {
+        int64_t id = meta_int(g, eog_keys[i], -1);
+        if (id >= 0 && id < n_vocab) v->eog[id] = 1;
+    }
+    Str *names = arr_strings(toks);
+    for (int i = 0; i < n_vocab; i++)
+        if (v->hidden[i] && (str_eq(names[i], "<|im_end|>") || str_eq(names[i], "<|endoftext|>"))) v->eog[i] = 1;
+    free(names);
+    free(type);
+}
+
+static void vocab_free(Vocab *v) {
+    tok_free(&v->tok);
+    free(v->eog);
+    free(v->hidden);
+}
+
+/* ---- output ---- */
+
+typedef struct {
+    const Vocab *vocab;
+    TokStream stream;
+    int print_ids;
+    int n_printed;
+} Printer;
+
+static void out_write(const char *s, size_t n) {
+    if (n && fwrite(s, 1, n, stdout) != n) exit(errno == EPIPE ? 0 : 1);
+}
+
+static int print_token(void *ud, int32_t t) {
+    Printer *p = ud;
+    char buf[512];
+    if (p->print_ids) {
+        int n = snprintf(buf, sizeof buf, "%s%d", p->n_printed++ ? " " : "", t);
+        out_write(buf, (size_t)n);
+    } else if (!p->vocab->hidden[t]) {
+        out_write(buf, (size_t)tok_stream(&p->vocab->tok, &p->stream, t, buf, sizeof buf));
+    }
+    fflush(stdout);
+    return 0;
+}
+
+static void printer_finish(Printer *p) {
+    char buf[64];
+    if (p->print_ids)
+        out_write("\n", 1);
+    else
+        out_write(buf, (size_t)tok_stream_flush(&p->stream, buf, sizeof buf));
+    fflush(stdout);
+}
+
+/* ---- statistics ---- */
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Inter-token latency percentile: speculation makes tokens arrive in bursts. */
+static double itl_percentile(const Stats *s, double q) {
+    if (s->n_gen < 2) return 0;
+    double *d = xmalloc((size_t)(s->n_gen - 1) * sizeof *d);
+    for (int i = 1; i < s->n_gen; i++) d[i - 1] = s->token_ms[i] - s->token_ms[i - 1];
+    qsort(d, (size_t)s->n_gen - 1, sizeof *d, cmp_double);
+    double v = d[(int)(q * (s->n_gen - 2) + 0.5)];
+    free(d);
+    return v;
+}
+
+static double rate(double n, double ms) { return ms > 0 ? n * 1000.0 / ms : 0; }
+
+static long peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss / 1024;
+}
+
+static void print_stats(const Gen *g, const Model *m, int mtp) {
+    const Stats *s = &g->st;
+    double gb = (double)m->file.size / 1e9;
+    fprintf(stderr, "mtp-gen: load %.0f ms | prompt %d tok, %.1f tok/s | gen %d tok, %.2f tok/s (%.1f GB/s of weights) | first token %.1f ms | peak RSS %ld MB\n",
+            s->load_ms, s->n_prompt, rate(s->n_prompt, s->prompt_ms), s->n_gen, rate(s->n_gen, s->gen_ms),
+            rate(s->n_gen, s->gen_ms) * gb, s->first_token_ms, peak_rss_mb());
+    if (!mtp) return;
+    fprintf(stderr, "mtp-gen: mtp: steps %ld | drafted %ld | tested %ld | accepted %ld (%.1f%%) | mean accepted/step %.2f | draft %.0f ms, verify %.0f ms, rollback %.2f ms | itl p50 %.1f ms, p95 %.1f ms\n",
+            s->steps, s->drafted, s->tested, s->accepted, s->tested ? 100.0 * s->accepted / s->tested : 0,
+            s->steps ? (double)s->accepted / s->steps : 0, s->draft_ms, s->verify_ms, s->rollback_ms,
+            itl_percentile(s, 0.5), itl_percentile(s, 0.95));
+    fprintf(stderr, "mtp-gen: mtp: acceptance by draft position:");
+    for (int i = 0; i < MAX_DRAFT && s->tested_at[i]; i++) fprintf(stderr, " %d:%.0f%%", i + 1, 100.0 * s->accepted_at[i] / s->tested_at[i]);
+    fputc('\n', stderr);
+}
+
+static void write_stats_json(const char *path, const Gen *g, const Model *m) {
+    const Stats *s = &g->st;
+    FILE *f = fopen(path, "w");
+    if (!f) die("cannot write stats to '%s': %s", path, strerror(errno));
+    fprintf(f, "{\n  \"n_prompt\": %d, \"n_gen\": %d, \"load_ms\": %.3f, \"prompt_ms\": %.3f, \"gen_ms\": %.3f,\n"
+               "  \"prompt_tok_s\": %.3f, \"gen_tok_s\": %.3f, \"first_token_ms\": %.3f,\n"
+               "  \"itl_p50_ms\": %.3f, \"itl_p95_ms\": %.3f, \"peak_rss_mb\": %ld, \"model_bytes\": %zu,\n"
+               "  \"mtp\": %s, \"steps\": %ld, \"drafted\": %ld, \"tested\": %ld, \"accepted\": %ld,\n"
+               "  \"acceptance\": %.4f, \"mean_accepted_per_step\": %.4f,\n"
+               "  \"draft_ms\": %.3f, \"verify_ms\": %.3f, \"rollback_ms\": %.3f,\n  \"accepted_at\": [",
+            s->n_prompt, s->n_gen, s->load_ms, s->prompt_ms, s->gen_ms, rate(s->n_prompt, s->prompt_ms), rate(s->n_gen, s->gen_ms),
+            s->first_token_ms, itl_percentile(s, 0.5), itl_percentile(s, 0.95), peak_rss_mb(), m->file.size,
+            g->use_mtp ? "true" : "false", s->steps, s->drafted, s->tested, s->accepted,
+            s->tested ? (double)s->accepted / s->tested : 0, s->steps ? (double)s->accepted / s->steps : 0,
+            s->draft_ms, s->verify_ms, s->rollback_ms);
+    for (int i = 0; i < MAX_DRAFT && s->tested_at[i]; i++) fprintf(f, "%s%ld", i ? ", " : "", s->accepted_at[i]);
+    fprintf(f, "],\n  \"tested_at\": [");
+    for (int i = 0; i < MAX_DRAFT && s->tested_at[i]; i++) fprintf(f, "%s%ld", i ? ", " : "", s->tested_at[i]);
+    fprintf(f, "],\n  \"verify_ms_by_batch\": [");
+    for (int i = 1; i < MAX_DRAFT + 2; i++) fprintf(f, "%s%.3f", i > 1 ? ", " : "", g->t_verify[i]);
+    fprintf(f, "]\n}\n");
+    if (fclose(f)) die("cannot write stats to '%s': %s", path, strerror(errno));
+}
+
+/* ---- main ---- */
+
+static volatile sig_atomic_t g_interrupted;
+
+static void on_sigint(int sig) {
+    if (g_interrupted) _exit(130);
+    g_interrupted = 1;
+}
+
+static uint64_t seed_from(long long seed) {
+    uint64_t x = seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    x = (x ^ 0x9E3779B97F4A7C15ULL) * 0xBF58476D1CE4E5B9ULL;
+    return x ? x : 1;
+}
+
+static char *prompt_text(const Options *o, size_t *len) {
+    if (o->prompt_file) return read_all(o->prompt_file, len);
+    if (o->prompt && strcmp(o->prompt, "-")) {
+        *len = strlen(o->prompt);
+        char *p = xmalloc(*len + 1);
+        memcpy(p, o->prompt, *len + 1);
+        return p;
+    }
+    if (!o->prompt && isatty(0)) die("no prompt given (use -p TEXT, -f FILE, or pipe it on stdin)");
+    return read_all("-", len);
+}
+
+#ifndef MTP_NO_MAIN
+int main(int argc, char **argv) {
+    Options o;
+    parse_args(argc, argv, &o);
+    char why[256];
+    if (!kn_cpu_ok(why, sizeof why)) die("%s", why);
+    double t0 = now_ms();
+    Model model;
+    model_open(&model, o.model);
+    Vocab vocab;
+    vocab_load(&vocab, &model.gguf);
+
+    size_t text_len;
+    char *text = prompt_text(&o, &text_len);
+    int32_t *prompt;
+    int n_prompt;
+    if (tok_encode(&vocab.tok, text, text_len, 1, &prompt, &n_prompt)) die("out of memory tokenising the prompt");
+    if (o.tokenize_only) {
+        for (int i = 0; i < n_prompt; i++) printf("%s%d", i ? " " : "", prompt[i]);
+        printf("\n");
+        free(prompt);
+        free(text);
+        vocab_free(&vocab);
+        model_free(&model);
+        return 0;
+    }
+    if (model.gguf.n_tensors == 0) die("'%s' holds only a vocabulary (no tensors): only --tokenize works with it", o.model);
+    load_config(&model);
+    load_weights(&model);
+    const Config *c = &model.cfg;
+    if (n_prompt == 0) die("the prompt is empty (0 tokens)");
+    int n_ctx = o.n_ctx ? o.n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
+    if (n_ctx > c->n_ctx_train) die("-c %d exceeds the model's context length %d", n_ctx, c->n_ctx_train);
+    if (n_prompt >= n_ctx) die("the prompt has %d tokens but the context holds %d (use a larger -c)", n_prompt, n_ctx);
+    int n_cpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    int n_threads = o.n_threads ? o.n_threads : physical_cores();
+    if (n_threads > n_cpu) {
+        fprintf(stderr, "mtp-gen: warning: -t %d is more than the %d CPUs; using %d\n", n_threads, n_cpu, n_cpu);
+        n_threads = n_cpu;
+    }
+    int use_mtp = o.mtp != 0 && c->n_mtp > 0;
+    if (o.mtp == 1 && !c->n_mtp) fprintf(stderr, "mtp-gen: warning: --mtp asked, but this model has no MTP head: decoding without speculation\n");
+
+    Engine e = {.model = &model};
+    pool_init(&e.pool, n_threads);
+    state_init(&e.st, c, n_ctx, use_mtp ? o.spec.n_draft + 2 : 1);
+    scratch_init(&e.s, c, n_ctx, n_threads);
+    o.sampling.rng = seed_from(o.seed);
+    Sampler smp;
+    sampler_init(&smp, &o.sampling, c->n_vocab);
+    Gen g;
+    gen_init(&g, &e, &smp, &o.spec, use_mtp, vocab.eog);
+    g.ignore_eos = o.ignore_eos;
+    g.stop = &g_interrupted;
+    g.st.load_ms = elapsed_since(t0);
+    if (!o.quiet) {
+        fprintf(stderr, "mtp-gen: %s: %s, %d layers, dim %d, vocab %d, %.2f GB, kernels %s, %d threads, ctx %d\n", o.model,
+                arch_names[c->arch], c->n_layer, c->dim, c->n_vocab, model.file.size / 1e9, kn_isa(), n_threads, n_ctx);
+        if (use_mtp)
+            fprintf(stderr, "mtp-gen: MTP head found: speculative decoding on (%s %d draft%s per step%s)\n",
+                    o.spec.adaptive ? "adaptive, up to" : "", o.spec.n_draft, o.spec.n_draft == 1 ? "" : "s",
+                    o.spec.optimistic ? ", optimistic: output is not verified" : "");
+    }
+    signal(SIGINT, on_sigint);
+
+    FILE *logits = NULL;
+    if (o.logits_out && !(logits = fopen(o.logits_out, "wb"))) die("cannot open '%s': %s", o.logits_out, strerror(errno));
+    if (o.display_prompt && !o.print_ids) {
+        out_write(text, text_len);
+        fflush(stdout);
+    }
+    Printer pr = {.vocab = &vocab, .print_ids = o.print_ids};
+    generate(&g, prompt, n_prompt, o.n_predict < 0 ? INT32_MAX : o.n_predict, logits, print_token, &pr);
+    printer_finish(&pr);
+    if (logits && fclose(logits)) die("cannot write '%s': %s", o.logits_out, strerror(errno));
+    if (g_interrupted && !o.quiet) fprintf(stderr, "mtp-gen: interrupted\n");
+    if (!o.quiet) print_stats(&g, &model, use_mtp);
+    if (o.stats_json) write_stats_json(o.stats_json, &g, &model);
+
+    gen_free(&g);
+    sampler_free(&smp);
+    scratch_free(&e.s);
+    state_free(&e.st);
+    pool_free(&e.pool);
+    free(prompt);
+    free(text);
+    vocab_free(&vocab);
+    model_free(&model);
+    return 0;
+}
+#endif

@@ -1,0 +1,538 @@
+/* test_kernels.c - checks the compiled kernels against references, and
+ * measures them.
+ *
+ *   ./test_kernels                 run every check, end with "N passed, N failed"
+ *   ./test_kernels --bench [-t T]  weights streamed per second by kn_matmul
+ *
+ * Weights are random bytes with sane scale fields, so every bit pattern of
+ * every format is exercised.  Each output is compared with kn_ref_matmul
+ * (exact dequantisation, f32 activations, double sums) within a tolerance
+ * derived from how activations are quantised, not tuned to pass: an int8
+ * activation with block scale d = amax/127 is off by at most d/2, so the
+ * product may be off by sum |w_j| d_j/2; on top of that, f32 summation is
+ * allowed (n/4 + 8) units of roundoff on sum |w_j x_j|, times 16 for the
+ * cancellation inside q4_1/q5_1/K-quant min terms.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "../kernels/kernels.h"
+
+/* ==== Checks and randomness ==== */
+
+static int n_pass, n_fail;
+
+static void report(int ok, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s  ", ok ? "ok  " : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    if (ok) n_pass++; else n_fail++;
+}
+
+static uint64_t rng_state = 0x243f6a8885a308d3ull;
+
+static uint32_t rnd(void)
+{
+    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+    return (uint32_t)(rng_state >> 32);
+}
+
+static float frand(void) { return (float)(rnd() >> 8) * (2.0f / 16777216.0f) - 1.0f; }
+
+static void *xalloc(size_t n)
+{
+    void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+    if (!p) { fprintf(stderr, "out of memory\n"); exit(2); }
+    return p;
+}
+
+static const int all_types[] = {KN_F32, KN_F16, KN_BF16, KN_Q8_0, KN_Q4_0, KN_Q4_1, KN_Q5_0,
+                                KN_Q5_1, KN_Q4_K, KN_Q5_K, KN_Q6_K};
+#define N_TYPES (int)(sizeof all_types / sizeof all_types[0])
+
+static int is_quant(int t) { return t != KN_F32 && t != KN_F16 && t != KN_BF16; }
+
+/* ==== An independent element-by-element reading of the formats ==== */
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint32_t rd32(const uint8_t *p) { return rd16(p) | (uint32_t)rd16(p + 2) << 16; }
+
+static float half(uint16_t h)
+{
+    int e = h >> 10 & 31, m = h & 1023;
+    float v = e ? ldexpf((float)(1024 + m), e - 25) : ldexpf((float)m, -24);
+    return h & 0x8000 ? -v : v;
+}
+
+static float bf16(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* ggml's rule for the 6-bit scale (which=0) or min (which=1) of sub-block j */
+static int k4_field(const uint8_t *s, int j, int which)
+{
+    if (j < 4) return s[j + 4 * which] & 63;
+    return which ? (s[j + 4] >> 4) | (s[j] >> 6) << 4 : (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+}
+
+static float elem(int type, const uint8_t *row, int64_t j)
+{
+    int k = (int)(j % 32), lo = k < 16, kk = k % 16;
+    switch (type) {
+    case KN_F32: { float f; memcpy(&f, row + 4 * j, 4); return f; }
+    case KN_F16: return half(rd16(row + 2 * j));
+    case KN_BF16: return bf16(rd16(row + 2 * j));
+    case KN_Q8_0: { const uint8_t *b = row + j / 32 * 34; return (int8_t)b[2 + k] * half(rd16(b)); }
+    case KN_Q4_0: case KN_Q4_1: case KN_Q5_0: case KN_Q5_1: {
+        int has_m = type == KN_Q4_1 || type == KN_Q5_1, has_h = type == KN_Q5_0 || type == KN_Q5_1;
+        int bytes = 18 + 2 * has_m + 4 * has_h;
+        const uint8_t *b = row + j / 32 * bytes, *qs = b + bytes - 16;
+        int q = lo ? qs[kk] & 15 : qs[kk] >> 4;
+        if (has_h) q |= (int)(rd32(b + 2 + 2 * has_m) >> k & 1) << 4;
+        float d = half(rd16(b));
+        return has_m ? q * d + half(rd16(b + 2)) : (q - (has_h ? 16 : 8)) * d;
+    }
+    case KN_Q4_K: case KN_Q5_K: {
+        int bytes = type == KN_Q4_K ? 144 : 176, e = (int)(j % 256), sub = e / 32, l = e % 32;
+        const uint8_t *b = row + j / 256 * bytes, *qs = b + bytes - 128;
+        int q = sub & 1 ? qs[32 * (sub / 2) + l] >> 4 : qs[32 * (sub / 2) + l] & 15;
+        if (type == KN_Q5_K) q += (b[16 + l] >> sub & 1) << 4;
+        float d1 = half(rd16(b)) * k4_field(b + 4, sub, 0), m1 = half(rd16(b + 2)) * k4_field(b + 4, sub, 1);
+        return d1 * q - m1;
+    }
+    case KN_Q6_K: {
+        int e = (int)(j % 256), h = e / 128, quad = e % 128 / 32, l = e % 32;
+        const uint8_t *b = row + j / 256 * 210, *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+        int low = ql[l + 32 * (quad & 1)];
+        int q = ((quad < 2 ? low & 15 : low >> 4) | (qh[l] >> (2 * quad) & 3) << 4) - 32;
+        int sc = ((const int8_t *)b)[192 + 8 * h + l / 16 + 2 * quad];
+        return half(rd16(b + 208)) * sc * q;
+    }
+    }
+    return NAN;
+}
+
+/* ==== Random weights ==== */
+
+/* A half with random sign and mantissa and an exponent in [e0, e1]. */
+static uint16_t rand_half(int e0, int e1, int allow_neg)
+{
+    int e = e0 + (int)(rnd() % (uint32_t)(e1 - e0 + 1));
+    return (uint16_t)((allow_neg ? (rnd() & 1) << 15 : 0) | e << 10 | (rnd() & 1023));
+}
+
+static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+
+/* Random bytes, then every scale field overwritten with a plausible half:
+ * d around 2^-8..2^-5 (quants times d give weights of order 0.01-1),
+ * mins of either sign for q4_1/q5_1. */
+static void rand_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in)
+{
+    size_t rb = kn_row_bytes(type, n_in);
+    for (size_t i = 0; i < rb * (size_t)n_out; i++) w[i] = (uint8_t)rnd();
+    int64_t nb = n_out * n_in / kn_block_elems(type);
+    size_t bb = kn_block_bytes(type);
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *p = w + (size_t)b * bb;
+        switch (type) {
+        case KN_F32: { float f = frand(); memcpy(p, &f, 4); break; }
+        case KN_F16: put16(p, rand_half(11, 16, 1)); break;
+        case KN_BF16: put16(p, (uint16_t)((rnd() & 1) << 15 | (123 + rnd() % 5) << 7 | (rnd() & 127))); break;
+        case KN_Q8_0: case KN_Q4_0: case KN_Q5_0: put16(p, rand_half(7, 10, 0)); break;
+        case KN_Q4_1: case KN_Q5_1: put16(p, rand_half(7, 10, 0)); put16(p + 2, rand_half(7, 13, 1)); break;
+        case KN_Q4_K: case KN_Q5_K: put16(p, rand_half(5, 8, 0)); put16(p + 2, rand_half(5, 8, 0)); break;
+        case KN_Q6_K: put16(p + 208, rand_half(3, 6, 0)); break;
+        }
+    }
+}
+
+/* Activations of mixed scale: mostly O(1), some blocks tiny, a few outliers,
+ * so per-block scaling matters. */
+static void rand_acts(float *x, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) {
+        float v = frand() + frand() + frand();
+        if (rnd() % 64 == 0) v *= 20.0f;
+        x[j] = (j / 32) % 7 == 3 ? v * 1e-3f : v;
+    }
+}
+
+/* ==== Format checks ==== */
+
+static void test_formats(void)
+{
+    static const struct { int type; const char *name; int64_t elems; size_t bytes; } want[] = {
+        {KN_F32, "f32", 1, 4}, {KN_F16, "f16", 1, 2}, {KN_BF16, "bf16", 1, 2},
+        {KN_Q4_0, "q4_0", 32, 18}, {KN_Q4_1, "q4_1", 32, 20}, {KN_Q5_0, "q5_0", 32, 22},
+        {KN_Q5_1, "q5_1", 32, 24}, {KN_Q8_0, "q8_0", 32, 34}, {KN_Q4_K, "q4_K", 256, 144},
+        {KN_Q5_K, "q5_K", 256, 176}, {KN_Q6_K, "q6_K", 256, 210},
+    };
+    int ok = 1;
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        ok &= kn_type_supported(want[i].type) && !strcmp(kn_type_name(want[i].type), want[i].name) &&
+              kn_block_elems(want[i].type) == want[i].elems && kn_block_bytes(want[i].type) == want[i].bytes &&
+              kn_row_bytes(want[i].type, 1024) == (size_t)(1024 / want[i].elems) * want[i].bytes;
+    ok &= !kn_type_supported(23) && !strcmp(kn_type_name(23), "type 23");
+    report(ok, "type table: names, block sizes, row bytes, unknown types");
+
+    for (int ti = 0; ti < N_TYPES; ti++) {
+        int t = all_types[ti];
+        int64_t n = 512;
+        uint8_t *w = xalloc(kn_row_bytes(t, n) * 4);
+        float *y = xalloc(sizeof(float) * (size_t)n);
+        rand_weights(t, w, 4, n);
+        double worst = 0.0;
+        for (int row = 0; row < 4; row++) {
+            const uint8_t *wr = w + (size_t)row * kn_row_bytes(t, n);
+            kn_dequant_row(t, wr, y, n);
+            for (int64_t j = 0; j < n; j++) {
+                float e = elem(t, wr, j);
+                double err = fabs((double)y[j] - e) / (fabs((double)e) + 1e-3);
+                if (!(err <= worst)) worst = isnan(err) ? INFINITY : err;
+            }
+        }
+        report(worst <= 1e-6, "dequant %-5s matches an element-wise decoding (max rel err %.1e)",
+               kn_type_name(t), worst);
+        free(w), free(y);
+    }
+}
+
+/* ==== Matmul checks ==== */
+
+typedef struct {
+    int type;
+    int64_t n_in, n_out;
+    size_t rb, ab;           /* weight row bytes, activation row stride */
+    uint8_t *w, *act;
+    float *x;                /* KN_MAX_ROWS rows of n_in */
+} mm_case;
+
+static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out)
+{
+    c->type = type, c->n_in = n_in, c->n_out = n_out;
+    c->rb = kn_row_bytes(type, n_in);
+    c->ab = kn_act_row_bytes(type, n_in) + 64;      /* a stride bigger than needed */
+    c->w = xalloc(c->rb * (size_t)n_out);
+    c->act = xalloc(c->ab * KN_MAX_ROWS);
+    c->x = xalloc(sizeof(float) * (size_t)(n_in * KN_MAX_ROWS));
+    rand_weights(type, c->w, n_out, n_in);
+    for (int r = 0; r < KN_MAX_ROWS; r++) {
+        rand_acts(c->x + r * n_in, n_in);
+        if (r == 5) memset(c->x + r * n_in, 0, sizeof(float) * (size_t)n_in);   /* all-zero row */
+        kn_act_prepare(type, c->x + r * n_in, n_in, c->act + r * c->ab);
+    }
+}
+
+static void mm_free(mm_case *c) { free(c->w), free(c->act), free(c->x); }
+
+/* kn_matmul for act rows [r0, r0+nr) over [i0, i1), into y (n_out per row). */
+static void mm_run(const mm_case *c, int r0, int nr, int64_t i0, int64_t i1, float *y)
+{
+    kn_matmul(c->type, c->w, c->rb, c->n_in, i0, i1, c->act + (size_t)r0 * c->ab, c->ab, nr,
+              y + (size_t)r0 * c->n_out, c->n_out);
+}
+
+/* Worst error / tolerance ratio over all outputs; > 1 fails. */
+static double mm_accuracy(const mm_case *c, const float *y, double *rel_rms)
+{
+    int64_t n = c->n_in, bs = is_quant(c->type) ? kn_block_elems(c->type) : 0;
+    float *wf = xalloc(sizeof(float) * (size_t)n), *yref = xalloc(sizeof(float) * (size_t)(c->n_out * KN_MAX_ROWS));
+    kn_ref_matmul(c->type, c->w, c->rb, n, 0, c->n_out, c->x, n, KN_MAX_ROWS, yref, c->n_out);
+    double worst = 0.0, se = 0.0, sr = 0.0;
+    for (int64_t i = 0; i < c->n_out; i++) {
+        kn_dequant_row(c->type, c->w + (size_t)i * c->rb, wf, n);
+        for (int r = 0; r < KN_MAX_ROWS; r++) {
+            const float *x = c->x + r * n;
+            double qb = 0.0, mag = 0.0, e = 0.0;
+            for (int64_t j = 0; j < n; j++) {
+                if (bs && j % bs == 0) {
+                    float amax = 0.0f;
+                    for (int64_t k = j; k < j + bs; k++) amax = fmaxf(amax, fabsf(x[k]));
+                    e = amax / 127.0 / 2.0;
+                }
+                double ej = bs ? e + 4.0 * 0x1p-24 * fabs(x[j]) : 0.0;
+                qb += fabs(wf[j]) * ej;
+                mag += fabs(wf[j]) * (fabs(x[j]) + ej);
+            }
+            double tol = qb * 1.001 + 16.0 * ((double)n / 4 + 8) * 0x1p-24 * mag + 1e-30;
+            double got = y[r * c->n_out + i], ref = yref[r * c->n_out + i];
+            double ratio = fabs(got - ref) / tol;
+            if (!(ratio <= worst)) worst = isnan(ratio) ? INFINITY : ratio;
+            se += (got - ref) * (got - ref), sr += ref * ref;
+        }
+    }
+    *rel_rms = sqrt(se / (sr + 1e-300));
+    free(wf), free(yref);
+    return worst;
+}
+
+/* Every (nr, first act row, slicing) must reproduce the nr=8 result bit for bit. */
+static int mm_deterministic(const mm_case *c, const float *y8)
+{
+    size_t ny = (size_t)(c->n_out * KN_MAX_ROWS);
+    float *y = xalloc(sizeof(float) * ny);
+    int ok = 1;
+    for (int nr = 1; nr <= KN_MAX_ROWS; nr++) {
+        int r0 = (int)(rnd() % (uint32_t)(KN_MAX_ROWS - nr + 1));
+        memset(y, 0xff, sizeof(float) * ny);
+        for (int64_t i0 = 0; i0 < c->n_out;) {       /* ragged slices, as threads would cut them */
+            int64_t i1 = i0 + 1 + (int64_t)(rnd() % (uint32_t)(c->n_out - i0));
+            mm_run(c, r0, nr, i0, i1, y);
+            i0 = i1;
+        }
+        ok &= !memcmp(y + (size_t)r0 * c->n_out, y8 + (size_t)r0 * c->n_out,
+                      sizeof(float) * (size_t)(c->n_out * nr));
+    }
+    free(y);
+    return ok;
+}
+
+static void test_matmul(void)
+{
+    static const int64_t n_outs[] = {1, 7, 33, 130};
+    for (int ti = 0; ti < N_TYPES; ti++) {
+        int t = all_types[ti];
+        int64_t bs = kn_block_elems(t) == 1 ? 8 : kn_block_elems(t);
+        int64_t n_ins[] = {bs == 8 ? 7 : bs, 2 * bs, 3 * bs + (bs == 8 ? 5 : 0), 2 * 256 + 3 * bs, 1024};
+        double worst = 0.0, rms = 0.0;
+        int det = 1, cases = 0;
+        for (size_t a = 0; a < sizeof n_ins / sizeof n_ins[0]; a++)
+            for (size_t b = 0; b < sizeof n_outs / sizeof n_outs[0]; b++) {
+                if (n_ins[a] % kn_block_elems(t)) continue;
+                mm_case c;
+                mm_setup(&c, t, n_ins[a], n_outs[b]);
+                float *y8 = xalloc(sizeof(float) * (size_t)(c.n_out * KN_MAX_ROWS));
+                mm_run(&c, 0, KN_MAX_ROWS, 0, c.n_out, y8);
+                double rr, wr = mm_accuracy(&c, y8, &rr);
+                if (!(wr <= worst)) worst = wr;
+                if (rr > rms) rms = rr;
+                det &= mm_deterministic(&c, y8);
+                cases++;
+                free(y8);
+                mm_free(&c);
+            }
+        report(worst <= 1.0, "matmul %-5s vs reference, %d shapes x 8 rows: worst err/tol %.3f, rel rms err %.1e",
+               kn_type_name(t), cases, worst, rms);
+        report(det, "matmul %-5s bit-identical for nr 1..8 and ragged row slices", kn_type_name(t));
+    }
+}
+
+/* ==== Vector op checks ==== */
+
+static const int64_t vec_lens[] = {1, 7, 8, 33, 256, 1000, 4099};
+#define N_LENS (int)(sizeof vec_lens / sizeof vec_lens[0])
+#define ULP 0x1p-24
+
+static void rand_vec(float *v, int64_t n, float scale)
+{
+    for (int64_t i = 0; i < n; i++) v[i] = frand() * scale;
+}
+
+static void test_vector_ops(void)
+{
+    float *a = xalloc(4 * 4100), *b = xalloc(4 * 4100), *y = xalloc(4 * 4100), *y0 = xalloc(4 * 4100);
+    double w_dot = 0, w_axpy = 0, w_scale = 0, w_rms = 0, w_swi = 0;
+    for (int li = 0; li < N_LENS; li++) {
+        int64_t n = vec_lens[li];
+        rand_vec(a, n, 2.0f), rand_vec(b, n, 3.0f);
+        double s = 0, mag = 0;
+        for (int64_t i = 0; i < n; i++) s += (double)a[i] * b[i], mag += fabs((double)a[i] * b[i]);
+        w_dot = fmax(w_dot, fabs(kn_dot(a, b, n) - s) / ((n / 4.0 + 8) * ULP * mag));
+
+        const float ca = 0.37f, cs = -1.7f;
+        rand_vec(y0, n, 1.0f);
+        memcpy(y, y0, 4 * (size_t)n);
+        kn_axpy(y, ca, a, n);
+        for (int64_t i = 0; i < n; i++) {
+            double ref = y0[i] + (double)ca * a[i];
+            w_axpy = fmax(w_axpy, fabs(y[i] - ref) / (2 * ULP * (fabs(y0[i]) + fabs(ca * a[i])) + 1e-30));
+        }
+        memcpy(y, y0, 4 * (size_t)n);
+        kn_scale(y, cs, n);
+        for (int64_t i = 0; i < n; i++)
+            w_scale = fmax(w_scale, fabs(y[i] - (double)cs * y0[i]) / (ULP * fabs(cs * y0[i]) + 1e-30));
+
+        for (int with_w = 0; with_w < 2; with_w++) {
+            double ss = 0;
+            for (int64_t i = 0; i < n; i++) ss += (double)a[i] * a[i];
+            double r = 1.0 / sqrt(ss / n + 1e-6);
+            kn_rmsnorm(y, a, with_w ? b : NULL, n, 1e-6f);
+            for (int64_t i = 0; i < n; i++) {
+                double ref = a[i] * r * (with_w ? b[i] : 1.0);
+                w_rms = fmax(w_rms, fabs(y[i] - ref) / (((n / 4.0 + 16) * ULP) * fabs(ref) + 1e-30));
+            }
+        }
+
+        rand_vec(a, n, 12.0f);
+        kn_swiglu(y, a, b, n);
+        for (int64_t i = 0; i < n; i++) {
+            double ref = a[i] / (1.0 + exp(-(double)a[i])) * b[i];
+            w_swi = fmax(w_swi, fabs(y[i] - ref) / (8 * ULP * fabs(ref) + 1e-30));
+        }
+    }
+    report(w_dot <= 1, "kn_dot vs double, n = 1..4099: worst err/tol %.3f (tol (n/4+8) ulp of sum|ab|)", w_dot);
+    report(w_axpy <= 1, "kn_axpy within 2 ulp: worst %.3f", w_axpy);
+    report(w_scale <= 1, "kn_scale within 1 ulp: worst %.3f", w_scale);
+    report(w_rms <= 1, "kn_rmsnorm (with and without weight) vs double: worst err/tol %.3f", w_rms);
+    report(w_swi <= 1, "kn_swiglu vs double within 8 ulp: worst %.3f", w_swi);
+    free(a), free(b), free(y), free(y0);
+}
+
+/* Several chained steps, as a sequence would run, on normalised q and k. */
+static void test_delta(void)
+{
+    static const int dims[][2] = {{32, 32}, {128, 128}, {16, 40}, {64, 24}};
+    for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++) {
+        int dk = dims[di][0], dv = dims[di][1];
+        size_t ns = (size_t)dk * dv;
+        float *S = xalloc(4 * ns), *Sr = xalloc(4 * ns), *q = xalloc(4 * (size_t)dk), *k = xalloc(4 * (size_t)dk);
+        float *v = xalloc(4 * (size_t)dv), *o = xalloc(4 * (size_t)dv), *orf = xalloc(4 * (size_t)dv);
+        rand_vec(S, (int64_t)ns, 0.5f);
+        memcpy(Sr, S, 4 * ns);
+        double worst = 0;
+        for (int step = 0; step < 6; step++) {
+            rand_vec(q, dk, 1.0f), rand_vec(k, dk, 1.0f), rand_vec(v, dv, 1.0f);
+            double nq = sqrt(kn_dot(q, q, dk)), nk = sqrt(kn_dot(k, k, dk));
+            for (int j = 0; j < dk; j++) q[j] = (float)(q[j] / nq), k[j] = (float)(k[j] / nk);
+            float decay = 0.5f + 0.5f * (float)(rnd() % 1000) / 1000, beta = (float)(rnd() % 1000) / 1000;
+            kn_delta_step(S, q, k, v, decay, beta, o, dk, dv);
+            kn_ref_delta_step(Sr, q, k, v, decay, beta, orf, dk, dv);
+            double scale = 0;
+            for (size_t i = 0; i < ns; i++) scale = fmax(scale, fabs(Sr[i]));
+            for (size_t i = 0; i < ns; i++) worst = fmax(worst, fabs(S[i] - Sr[i]) / scale);
+            for (int c = 0; c < dv; c++) worst = fmax(worst, fabs(o[c] - orf[c]) / scale);
+        }
+        report(worst <= 1e-5, "kn_delta_step dk=%d dv=%d, 6 steps vs double: worst err %.1e of max|S|",
+               dk, dv, worst);
+        free(S), free(Sr), free(q), free(k), free(v), free(o), free(orf);
+    }
+}
+
+/* ==== Micro-benchmark ====
+ * GB/s of weights streamed by kn_matmul, cold (rotating through enough
+ * copies of the matrix to defeat the caches, as decoding does) and hot
+ * (one matrix again and again), split over T threads by output rows. */
+
+typedef struct {
+    const mm_case *c;
+    int copies, nr, iters, tid, nthreads;
+    uint8_t *wbase;
+    float *y;
+    pthread_barrier_t *bar;
+} bench_job;
+
+static void *bench_worker(void *p)
+{
+    bench_job *j = p;
+    const mm_case *c = j->c;
+    int64_t i0 = c->n_out * j->tid / j->nthreads, i1 = c->n_out * (j->tid + 1) / j->nthreads;
+    for (int it = 0; it < j->iters; it++) {
+        const uint8_t *w = j->wbase + (size_t)(it % j->copies) * c->rb * (size_t)c->n_out;
+        kn_matmul(c->type, w, c->rb, c->n_in, i0, i1, c->act, c->ab, j->nr, j->y, c->n_out);
+        if (j->nthreads > 1) pthread_barrier_wait(j->bar);
+    }
+    return NULL;
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static double bench_run(const mm_case *c, uint8_t *wbase, int copies, int nr, int iters, int nthreads)
+{
+    pthread_t th[64];
+    bench_job jobs[64];
+    pthread_barrier_t bar;
+    float *y = xalloc(sizeof(float) * (size_t)(c->n_out * KN_MAX_ROWS));
+    pthread_barrier_init(&bar, NULL, (unsigned)nthreads);
+    double t0 = now();
+    for (int t = 0; t < nthreads; t++) {
+        jobs[t] = (bench_job){c, copies, nr, iters, t, nthreads, wbase, y, &bar};
+        pthread_create(&th[t], NULL, bench_worker, &jobs[t]);
+    }
+    for (int t = 0; t < nthreads; t++) pthread_join(th[t], NULL);
+    double dt = now() - t0;
+    pthread_barrier_destroy(&bar);
+    free(y);
+    return (double)c->rb * c->n_out * iters / dt / 1e9;
+}
+
+static void bench(int nthreads)
+{
+    static const int64_t shapes[][2] = {{1024, 3584}, {3584, 1024}};   /* n_out x n_in */
+    static const int nrs[] = {1, 2, 3, 4, 8};
+    printf("kn_matmul weight GB/s, isa %s, %d thread(s); cold = rotating over >= 256 MB, hot = one matrix\n",
+           kn_isa(), nthreads);
+    printf("%-5s %-10s %-4s", "type", "out x in", "");
+    for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) printf("   nr=%d", nrs[k]);
+    printf("\n");
+    for (int ti = 0; ti < N_TYPES; ti++)
+        for (size_t s = 0; s < 2; s++) {
+            mm_case c;
+            mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0]);
+            size_t mb = c.rb * (size_t)c.n_out;
+            int copies = (int)((256u << 20) / mb + 1);
+            uint8_t *wbase = xalloc(mb * (size_t)copies);
+            for (int k = 0; k < copies; k++) memcpy(wbase + mb * (size_t)k, c.w, mb);
+            for (int hot = 0; hot < 2; hot++) {
+                printf("%-5s %4lldx%-5lld %-4s", kn_type_name(c.type), (long long)c.n_out, (long long)c.n_in,
+                       hot ? "hot" : "cold");
+                for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) {
+                    int n_copies = hot ? 1 : copies;
+                    bench_run(&c, wbase, n_copies, nrs[k], 2, nthreads);          /* warm up */
+                    double gbs = bench_run(&c, wbase, n_copies, nrs[k], 4, nthreads);
+                    int iters = (int)(gbs * 1e9 * 0.25 / (double)mb) + 1;      /* about 0.25 s */
+                    printf(" %7.2f", bench_run(&c, wbase, n_copies, nrs[k], iters, nthreads));
+                    fflush(stdout);
+                }
+                printf("\n");
+            }
+            free(wbase);
+            mm_free(&c);
+        }
+}
+
+int main(int argc, char **argv)
+{
+    char why[256];
+    if (!kn_cpu_ok(why, sizeof why)) {
+        fprintf(stderr, "test_kernels: %s\n", why);
+        return 2;
+    }
+    int do_bench = 0, nthreads = 1;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--bench")) do_bench = 1;
+        else if (!strcmp(argv[i], "-t") && i + 1 < argc) nthreads = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [--bench [-t THREADS]]\n", argv[0]);
+            return 2;
+        }
+    }
+    if (nthreads < 1 || nthreads > 64) nthreads = 1;
+    if (do_bench) {
+        bench(nthreads);
+        return 0;
+    }
+    printf("kernels: %s\n", kn_isa());
+    test_formats();
+    test_matmul();
+    test_vector_ops();
+    test_delta();
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail != 0;
+}

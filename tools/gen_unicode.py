@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Generate tools/unicode_tables.h: the Unicode data mtp.c's tokenizer needs.
+
+usage: tools/gen_unicode.py [UCD_DIR] [OUT]
+  UCD_DIR  Unicode Character Database files (default /usr/share/unicode, Debian's unicode-data)
+  OUT      header to write (default: unicode_tables.h next to this script)
+
+Tables (all sorted, searched by binary search):
+  uc_class        general-category classes the pre-tokenizer regex uses: \\p{L}, \\p{M}, \\p{N},
+                  and \\s, which in the Oniguruma engine Hugging Face tokenizers runs is White_Space
+  uc_ccc          canonical combining classes (non-zero only)
+  uc_nfc_qc       code points whose NFC_Quick_Check is No (value 1) or Maybe (value 2)
+  uc_decomp       full canonical decompositions (recursively expanded; Hangul syllables are left
+                  to the algorithm), indexing into uc_decomp_cps
+  uc_comp         primary composites for NFC: (first, second) -> composite, exclusions removed
+"""
+import os
+import re
+import sys
+
+UCD = sys.argv[1] if len(sys.argv) > 1 else "/usr/share/unicode"
+OUT = sys.argv[2] if len(sys.argv) > 2 else os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                         "unicode_tables.h")
+HANGUL_FIRST, HANGUL_LAST = 0xAC00, 0xD7A3
+
+
+def ucd_lines(name):
+    with open(os.path.join(UCD, name), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                yield [field.strip() for field in line.split(";")]
+
+
+def cp_range(field):
+    lo, _, hi = field.partition("..")
+    return int(lo, 16), int(hi or lo, 16)
+
+
+def ucd_version():
+    with open(os.path.join(UCD, "DerivedNormalizationProps.txt"), encoding="utf-8") as f:
+        m = re.search(r"DerivedNormalizationProps-(\d+\.\d+\.\d+)\.txt", f.readline())
+    if not m:
+        sys.exit("cannot find the Unicode version in DerivedNormalizationProps.txt")
+    return m.group(1)
+
+
+def read_unicode_data():
+    """Per code point: general category, combining class, canonical decomposition mapping."""
+    category, ccc, decomp = {}, {}, {}
+    range_first = None
+    for f in ucd_lines("UnicodeData.txt"):
+        cp, name, cat = int(f[0], 16), f[1], f[2]
+        if name.endswith(", First>"):
+            range_first = cp
+            continue
+        first = range_first if name.endswith(", Last>") else cp
+        range_first = None
+        for c in range(first, cp + 1):
+            category[c] = cat
+        if int(f[3]):
+            ccc[cp] = int(f[3])
+        if f[5] and not f[5].startswith("<"):
+            decomp[cp] = [int(x, 16) for x in f[5].split()]
+    return category, ccc, decomp
+
+
+def read_property(name, prop, value=None):
+    cps = set()
+    for f in ucd_lines(name):
+        if f[1] == prop and (value is None or f[2] in value):
+            lo, hi = cp_range(f[0])
+            cps.update(range(lo, hi + 1))
+    return cps
+
+
+def merge_ranges(values):
+    """{cp: value} -> [(lo, hi, value)] with runs of consecutive code points of equal value joined."""
+    ranges = []
+    for cp in sorted(values):
+        if ranges and ranges[-1][1] == cp - 1 and ranges[-1][2] == values[cp]:
+            ranges[-1][1] = cp
+        else:
+            ranges.append([cp, cp, values[cp]])
+    return ranges
+
+
+def full_decomposition(cp, decomp):
+    if cp not in decomp:
+        return [cp]
+    return [d for part in decomp[cp] for d in full_decomposition(part, decomp)]
+
+
+def emit_table(out, decl, rows, per_line):
+    out.append(decl + " = {")
+    for i in range(0, len(rows), per_line):
+        out.append("    " + " ".join(rows[i:i + per_line]))
+    out.append("};")
+
+
+def main():
+    category, ccc, decomp = read_unicode_data()
+    white_space = read_property("PropList.txt", "White_Space")
+    excluded = read_property("DerivedNormalizationProps.txt", "Full_Composition_Exclusion")
+    nfc_qc = dict.fromkeys(read_property("DerivedNormalizationProps.txt", "NFC_QC", {"N"}), 1)
+    nfc_qc.update(dict.fromkeys(read_property("DerivedNormalizationProps.txt", "NFC_QC", {"M"}), 2))
+
+    cls = {}
+    for cp, cat in category.items():
+        if cat[0] in "LMN":
+            cls[cp] = "UC_" + {"L": "LETTER", "M": "MARK", "N": "NUMBER"}[cat[0]]
+    for cp in white_space:
+        assert cp not in cls, "White_Space overlaps a letter, mark or number class"
+        cls[cp] = "UC_SPACE"
+
+    pool, decomp_rows, comp = [], [], []
+    for cp in sorted(decomp):
+        full = full_decomposition(cp, decomp)
+        assert len(full) <= 7
+        decomp_rows.append("{0x%X,%d}," % (cp, len(pool) << 3 | len(full)))
+        pool.extend(full)
+        if len(decomp[cp]) == 2 and cp not in excluded:
+            comp.append((decomp[cp][0], decomp[cp][1], cp))
+    comp.sort()
+    assert all(HANGUL_FIRST > cp or cp > HANGUL_LAST for cp in decomp), "Hangul is algorithmic"
+
+    out = [
+        "/* Generated by tools/gen_unicode.py from the Unicode Character Database %s. Do not edit." % ucd_version(),
+        " * Every table is sorted by code point for binary search; see the script for what each holds. */",
+        "#ifndef UNICODE_TABLES_H",
+        "#define UNICODE_TABLES_H",
+        "#include <stdint.h>",
+        "",
+        '#define UC_VERSION "%s"' % ucd_version(),
+        "",
+        "enum { UC_OTHER, UC_LETTER, UC_MARK, UC_NUMBER, UC_SPACE };",
+        "typedef struct { uint32_t lo, hi, value; } UcRange;",
+        "typedef struct { uint32_t cp, at_len; } UcDecomp;   /* at_len = offset into uc_decomp_cps << 3 | length */",
+        "typedef struct { uint32_t first, second, composite; } UcComp;",
+        "",
+    ]
+    emit_table(out, "static const UcRange uc_class[]",
+               ["{0x%X,0x%X,%s}," % tuple(r) for r in merge_ranges(cls)], 4)
+    emit_table(out, "static const UcRange uc_ccc[]",
+               ["{0x%X,0x%X,%d}," % tuple(r) for r in merge_ranges(ccc)], 6)
+    emit_table(out, "static const UcRange uc_nfc_qc[]",
+               ["{0x%X,0x%X,%d}," % tuple(r) for r in merge_ranges(nfc_qc)], 6)
+    emit_table(out, "static const UcDecomp uc_decomp[]", decomp_rows, 8)
+    emit_table(out, "static const uint32_t uc_decomp_cps[]", ["0x%X," % cp for cp in pool], 12)
+    emit_table(out, "static const UcComp uc_comp[]", ["{0x%X,0x%X,0x%X}," % c for c in comp], 6)
+    out += ["", "#endif"]
+    with open(OUT, "w", encoding="ascii") as f:
+        f.write("\n".join(out) + "\n")
+    print("%s: Unicode %s, %d class ranges, %d ccc ranges, %d decompositions, %d compositions"
+          % (OUT, ucd_version(), len(merge_ranges(cls)), len(merge_ranges(ccc)), len(decomp_rows), len(comp)))
+
+
+if __name__ == "__main__":
+    main()
