@@ -25,13 +25,16 @@ endif
 KERNEL_SRC := kernels/scalar.c kernels/avx2.c kernels/avx512.c kernels/neon.c
 HDRS := kernels/kernels.h $(wildcard tools/unicode_tables.h)
 
-all: mtp-gen$(SUFFIX) test_kernels$(SUFFIX)
+all: mtp-gen$(SUFFIX) test_kernels$(SUFFIX) test_units$(SUFFIX)
 
 mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ mtp.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
 
 test_kernels$(SUFFIX): tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
+
+test_units$(SUFFIX): tests/test_units.c mtp.c $(KERNEL_SRC) $(HDRS)
+	$(CC) $(CFLAGS) $(MARCH) $(WARN) -Wno-unused-function -o $@ tests/test_units.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
 
 asan:
 	$(MAKE) mtp-gen SUFFIX=-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"

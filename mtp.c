@@ -28,6 +28,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -762,8 +763,10 @@ static void pool_run(Pool *p, PoolFn fn, void *ctx) {
     p->ctx = ctx;
     pool_kick(p);
     fn(ctx, 0, p->n_threads);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0)
-        ;
+    /* spin, then yield: when the machine is oversubscribed a descheduled
+     * worker needs this core more than we need to poll */
+    for (int i = 0; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; i++)
+        if (i > 10000) sched_yield();
 }
 
 static void pool_free(Pool *p) {
@@ -889,6 +892,8 @@ static void state_commit(State *s, int n_keep) {
  * is the same code whatever n is, so a K+1-token verify reproduces K+1
  * single-token steps bit for bit (see the determinism contract in
  * kernels/kernels.h). */
+
+enum { LOGITS_NONE, LOGITS_LAST, LOGITS_ALL };   /* which rows of a batch get logits */
 
 typedef struct {
     float *x;                   /* [UBATCH][dim] residual stream */
@@ -1283,10 +1288,10 @@ static void lm_head(Engine *e, const float *hidden, int n, float *logits) {
 }
 
 /* Run n <= UBATCH tokens at positions n_past...  Leaves s.hidden[n][dim]
- * (after the final norm) and logits for every row (all_logits) or only the
- * last row (in s.logits row 0).  Without spec the tokens are committed; with
- * spec the caller keeps a prefix with state_commit(). */
-static void forward(Engine *e, const int32_t *tokens, int n, int spec, int all_logits) {
+ * (after the final norm) and the logits asked for (LOGITS_LAST: the last row,
+ * in s.logits row 0).  Without spec the tokens are committed; with spec the
+ * caller keeps a prefix with state_commit(). */
+static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logits) {
     const Model *m = e->model;
     const Config *c = &m->cfg;
     Scratch *s = &e->s;
@@ -1296,9 +1301,9 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int all_l
     for (int l = 0; l < c->n_layer; l++)
         block(e, &m->w.layers[l], l, c->recurrent[l], st->k_cache[l], st->v_cache[l], n, pos0, spec);
     rmsnorm_rows(s->hidden, s->x, m->w.output_norm, n, c->dim, c->eps);
-    if (all_logits)
+    if (logits == LOGITS_ALL)
         lm_head(e, s->hidden, n, s->logits);
-    else
+    else if (logits == LOGITS_LAST)
         lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits);
     if (!spec) st->n_past += n;
 }
@@ -1312,8 +1317,6 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int all_l
  * Teacher-forced rows for every accepted position keep its cache in step
  * with the main model's; rows written by chained drafts are overwritten by
  * the next call, since every call truncates the cache to its first position. */
-
-enum { LOGITS_NONE, LOGITS_LAST, LOGITS_ALL };
 
 /* Rows i < n: hidden h[i] and token toks[i] at position pos0+i.  Leaves the
  * head's normed output in s.hidden and logits as asked in s.logits. */
@@ -1582,6 +1585,7 @@ typedef struct {
     const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
     int ignore_eos;
     volatile sig_atomic_t *stop;
+    FILE *mtp_logits_out;       /* when set: teacher-forced MTP logits of the prompt positions */
     Stats st;
 } Gen;
 
@@ -1620,14 +1624,20 @@ static void mtp_push(Gen *g, const float *h, int32_t next) {
     g->pend_t[g->n_pend++] = next;
 }
 
-/* Feed pending rows to the head; with want_logits the last row's draft logits are left in s.logits. */
+/* Feed pending rows to the head; with want_logits the last row's draft
+ * logits are left in s.logits, and with mtp_logits_out every row's go there. */
 static void mtp_catch_up(Gen *g, int want_logits) {
     Engine *e = g->e;
-    int D = e->model->cfg.dim, done = 0;
+    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0;
     while (done < g->n_pend) {
         int n = g->n_pend - done < UBATCH ? g->n_pend - done : UBATCH;
         int last = done + n == g->n_pend;
-        mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, last && want_logits ? LOGITS_LAST : LOGITS_NONE);
+        int logits = g->mtp_logits_out ? LOGITS_ALL : last && want_logits ? LOGITS_LAST : LOGITS_NONE;
+        mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, logits);
+        if (g->mtp_logits_out) {
+            if (fwrite(e->s.logits, sizeof(float) * V, n, g->mtp_logits_out) != (size_t)n) die("cannot write MTP logits: %s", strerror(errno));
+            memmove(e->s.logits, e->s.logits + (int64_t)(n - 1) * V, V * sizeof(float));
+        }
         e->st.mtp_n += n;
         done += n;
     }
@@ -1759,27 +1769,16 @@ static int verify(Gen *g, int n_draft, int32_t *out) {
     return n_acc;
 }
 
-/* One step from the sequence's last token: draft, verify, emit, and commit
+/* Verify the n_draft drafts waiting in toks[n_toks..], emit, and commit
  * exactly the emitted tokens (the verify's hidden row i belongs to the
  * position whose next token is out[i]). */
-static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
+static void advance(Gen *g, int n_draft, int budget, EmitFn emit, void *ud, int *done) {
     Engine *e = g->e;
     const Config *c = &e->model->cfg;
     int32_t out[MAX_DRAFT + 1];
-    if (g->use_mtp && g->n_pend >= UBATCH) mtp_catch_up(g, 0);
-    int k = g->use_mtp ? choose_k(g) : 0, room = e->st.n_ctx - e->st.n_past - 1, left = budget - g->st.n_gen - 1;
-    if (k > room) k = room;
-    if (k > left) k = left;
-    if (k < 0) k = 0;
-    double t0 = now_ms();
-    int n_draft = k ? draft(g, k) : 0;
-    if (k) {
-        ema(&g->t_draft, elapsed_since(t0) / k);
-        g->st.draft_ms += elapsed_since(t0);
-    }
     int n_acc = verify(g, n_draft, out);
     int n_out = emit_tokens(g, out, n_acc + 1, budget, emit, ud, done);
-    t0 = now_ms();
+    double t0 = now_ms();
     if (n_draft) state_commit(&e->st, n_out);
     for (int i = 0; g->use_mtp && i < n_out; i++) mtp_push(g, e->s.hidden + (int64_t)i * c->dim, out[i]);
     memcpy(g->h_last, e->s.hidden + (int64_t)(n_out - 1) * c->dim, c->dim * sizeof(float));
@@ -1788,12 +1787,38 @@ static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
     g->st.rollback_ms += elapsed_since(t0);
 }
 
+/* How many drafts this step may have: the policy's k within the context and the budget. */
+static int draft_room(Gen *g, int budget) {
+    const State *st = &g->e->st;
+    int k = g->use_mtp ? choose_k(g) : 0, room = st->n_ctx - st->n_past - 1, left = budget - g->st.n_gen - 1;
+    if (k > room) k = room;
+    if (k > left) k = left;
+    return k > 0 ? k : 0;
+}
+
+/* One step from the sequence's last token: draft with the head, then verify. */
+static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
+    if (g->use_mtp && g->n_pend >= UBATCH) mtp_catch_up(g, 0);
+    int k = draft_room(g, budget);
+    double t0 = now_ms();
+    int n_draft = k ? draft(g, k) : 0;
+    if (k) {
+        ema(&g->t_draft, elapsed_since(t0) / k);
+        g->st.draft_ms += elapsed_since(t0);
+    }
+    advance(g, n_draft, budget, emit, ud, done);
+}
+
 /* Feed the prompt (appended to whatever the sequence holds), then generate
  * up to budget tokens. */
 static void generate(Gen *g, const int32_t *prompt, int n_prompt, int budget, FILE *logits_out, EmitFn emit, void *ud) {
     Engine *e = g->e;
     double t0 = now_ms();
     gen_feed(g, prompt, n_prompt, logits_out);
+    if (g->mtp_logits_out) {
+        mtp_catch_up(g, 0);
+        g->mtp_logits_out = NULL;
+    }
     g->st.n_prompt += n_prompt;
     g->st.prompt_ms += elapsed_since(t0);
     if (budget <= 0) return;
@@ -1816,7 +1841,7 @@ static void generate(Gen *g, const int32_t *prompt, int n_prompt, int budget, FI
  * stderr.  Every error is one line and a non-zero exit. */
 
 typedef struct {
-    const char *model, *prompt, *prompt_file, *logits_out, *stats_json;
+    const char *model, *prompt, *prompt_file, *logits_out, *mtp_logits_out, *stats_json;
     int n_predict, n_ctx, n_threads;
     int display_prompt, quiet, verbose, tokenize_only, print_ids, ignore_eos;
     int mtp;                    /* -1 auto (on when the model has a head), 0 off, 1 asked for */
@@ -1843,6 +1868,8 @@ static void usage(FILE *f) {
 "      --ids               print generated token ids instead of text\n"
 "      --tokenize          print the prompt's token ids and exit\n"
 "      --logits-out FILE   write float32 logits of every prompt position [n_prompt x n_vocab]\n"
+"      --mtp-logits-out FILE  write the MTP head's teacher-forced float32 logits for the prompt\n"
+"                          [n_prompt-1 x n_vocab]: row i from position i's hidden state and token i+1\n"
 "      --ignore-eos        keep generating past end-of-text tokens\n"
 "  -q, --quiet             nothing on stderr but errors\n"
 "  -v, --verbose           per-step speculation details on stderr\n"
@@ -1931,6 +1958,7 @@ static void parse_args(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--ids")) o->print_ids = 1;
         else if (!strcmp(a, "--tokenize")) o->tokenize_only = 1;
         else if (!strcmp(a, "--logits-out")) o->logits_out = VALUE();
+        else if (!strcmp(a, "--mtp-logits-out")) o->mtp_logits_out = VALUE();
         else if (!strcmp(a, "--ignore-eos")) o->ignore_eos = 1;
         else if (!strcmp(a, "--draft")) o->spec.n_draft = (int)parse_int(a, VALUE(), 0, MAX_DRAFT), o->spec.adaptive = 0;
         else if (!strcmp(a, "--draft-max")) o->spec.n_draft = (int)parse_int(a, VALUE(), 1, MAX_DRAFT), o->spec.adaptive = 1;
@@ -2226,6 +2254,11 @@ int main(int argc, char **argv) {
 
     FILE *logits = NULL;
     if (o.logits_out && !(logits = fopen(o.logits_out, "wb"))) die("cannot open '%s': %s", o.logits_out, strerror(errno));
+    if (o.mtp_logits_out) {
+        if (!use_mtp) die("--mtp-logits-out needs a model with an MTP head and speculation on");
+        if (!(g.mtp_logits_out = fopen(o.mtp_logits_out, "wb"))) die("cannot open '%s': %s", o.mtp_logits_out, strerror(errno));
+    }
+    FILE *mtp_logits = g.mtp_logits_out;
     if (o.display_prompt && !o.print_ids) {
         out_write(text, text_len);
         fflush(stdout);
@@ -2234,6 +2267,7 @@ int main(int argc, char **argv) {
     generate(&g, prompt, n_prompt, o.n_predict < 0 ? INT32_MAX : o.n_predict, logits, print_token, &pr);
     printer_finish(&pr);
     if (logits && fclose(logits)) die("cannot write '%s': %s", o.logits_out, strerror(errno));
+    if (mtp_logits && fclose(mtp_logits)) die("cannot write '%s': %s", o.mtp_logits_out, strerror(errno));
     if (g_interrupted && !o.quiet) fprintf(stderr, "mtp-gen: interrupted\n");
     if (!o.quiet) print_stats(&g, &model, use_mtp);
     if (o.stats_json) write_stats_json(o.stats_json, &g, &model);

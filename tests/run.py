@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""mtp-gen test suite: runs the built binaries against the reference fixtures.
+
+Usage (from the repository root, after `make`):  python3 tests/run.py [-k SUBSTRING]
+Environment: MTP_GEN=path to the mtp-gen binary (default ./mtp-gen; the ASan
+build and cross builds reuse the suite this way), MTP_RUNNER=prefix command
+(e.g. qemu-aarch64), MTP_QUICK=1 to skip the slowest groups.
+
+Ground truth is tests/fixtures (copied from the shared reference fixtures):
+Hugging Face transformers outputs for tiny random-weight models with the exact
+Qwen3.5 / Qwen3.5-MoE / Qwen3-Next layouts.  See tests/README.md for what each
+tolerance is and why.  Python standard library only.
+"""
+import array, json, os, shutil, struct, subprocess, sys, tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+BIN = os.environ.get("MTP_GEN", os.path.join(ROOT, "mtp-gen"))
+RUNNER = os.environ.get("MTP_RUNNER", "").split()
+QUICK = os.environ.get("MTP_QUICK") == "1"
+MODELS = ["qwen35-dense", "qwen35-moe", "qwen3next"]
+QUANTS = ["bf16", "q8_0", "q4_k_m"]
+ONLY = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
+TMP = tempfile.mkdtemp(prefix="mtp-tests-")
+
+passed, failed = 0, 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+    else:
+        failed += 1
+    print(f"{'ok  ' if ok else 'FAIL'} {name}{'  ' + detail if detail else ''}", flush=True)
+
+
+def run(args, stdin=None, timeout=600, binary=None):
+    return subprocess.run(RUNNER + [binary or BIN] + args, input=stdin, capture_output=True, timeout=timeout)
+
+
+def gguf(model, quant):
+    return os.path.join(FIX, model, "gguf", f"model-{quant}.gguf")
+
+
+def ref(model):
+    with open(os.path.join(FIX, model, "ref", "reference.json")) as f:
+        return json.load(f)
+
+
+def f32(path):
+    a = array.array("f")
+    with open(path, "rb") as f:
+        a.frombytes(f.read())
+    return a
+
+
+def prompt_file(model, case):
+    path = os.path.join(TMP, f"{model}.{case}.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(ref(model)["cases"][case]["text"])
+    return path
+
+
+def argmax(row):
+    return max(range(len(row)), key=row.__getitem__)
+
+
+def compare(a, b, V):
+    """max |a-b|, rows whose argmax agree, rows, and the worst row."""
+    n = len(b) // V
+    if len(a) != len(b):
+        return float("inf"), 0, n, -1
+    worst, worst_row, agree = 0.0, -1, 0
+    for i in range(n):
+        ra, rb = a[i * V:(i + 1) * V], b[i * V:(i + 1) * V]
+        d = max(abs(x - y) for x, y in zip(ra, rb))
+        if d > worst:
+            worst, worst_row = d, i
+        agree += argmax(ra) == argmax(rb)
+    return worst, agree, n, worst_row
+
+
+# ==== kernels and internals (C test programs) ====
+
+def closing_counts(out):
+    for line in reversed(out.decode(errors="replace").splitlines()):
+        parts = line.split()
+        if len(parts) == 4 and parts[1] == "passed," and parts[3] == "failed":
+            return int(parts[0]), int(parts[2])
+    return 0, 1
+
+
+def test_c_programs():
+    suffix = os.path.basename(BIN)[len("mtp-gen"):]
+    progs = [(["test_kernels" + suffix], "kernels: SIMD vs scalar reference"),
+             (["test_units" + suffix, "spec-stats"], "units: speculative sampling is lossless")]
+    for m, q in (("qwen35-dense", "q8_0"), ("qwen35-moe", "q4_k_m"), ("qwen3next", "bf16")):
+        progs.append((["test_units" + suffix, "rollback", gguf(m, q)], f"units: rollback bit-exact, oracle drafts [{m} {q}]"))
+    for argv, name in progs:
+        exe = os.path.join(ROOT, argv[0])
+        if not os.path.exists(exe):
+            check(name, False, f"{argv[0]} not built")
+            continue
+        r = subprocess.run(RUNNER + [exe] + argv[1:], capture_output=True, timeout=1200)
+        p, f = closing_counts(r.stdout)
+        check(name, r.returncode == 0 and f == 0 and p > 0, f"{p} passed, {f} failed" + ("" if r.returncode == 0 else "\n" + r.stdout.decode()[-2000:]))
+
+
+# ==== tokenizer ====
+
+def test_tokenizer():
+    vocab = os.path.join(FIX, "tokenizer", "qwen3-vocab.gguf")
+    with open(os.path.join(FIX, "tokenizer", "tokenizer_cases_dev.golden.json")) as f:
+        cases = json.load(f)
+    bad = []
+    for i, c in enumerate(cases):
+        path = os.path.join(TMP, "tok.txt")
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(c["text"])
+        r = run(["-m", vocab, "-f", path, "--tokenize"])
+        ids = [int(x) for x in r.stdout.split()] if r.returncode == 0 else None
+        if ids != c["ids"]:
+            bad.append(i)
+    check("tokenizer: golden Hugging Face ids (qwen2 pre-tokenizer, NFC)", not bad, f"{len(cases) - len(bad)}/{len(cases)}" + (f" failing cases {bad[:10]}" if bad else ""))
+    texts = os.path.join(TMP, "roundtrip.bin")
+    import unicodedata
+    with open(texts, "wb") as f:
+        for c in cases:
+            f.write(unicodedata.normalize("NFC", c["text"]).encode("utf-8") + b"\0")
+    exe = os.path.join(ROOT, "test_units" + os.path.basename(BIN)[len("mtp-gen"):])
+    r = subprocess.run(RUNNER + [exe, "roundtrip", vocab, texts], capture_output=True, timeout=300)
+    check("tokenizer: decode(encode(x)) == x for NFC text", r.returncode == 0, r.stdout.decode()[-500:] if r.returncode else "")
+    for m in MODELS:
+        for case in ("short", "long"):
+            r = run(["-m", gguf(m, "bf16"), "-f", prompt_file(m, case), "--tokenize"])
+            ids = [int(x) for x in r.stdout.split()] if r.returncode == 0 else None
+            check(f"tokenizer: {m} {case} prompt ids (qwen35 pre-tokenizer)", ids == ref(m)["cases"][case]["prompt_ids"])
+
+
+# ==== model outputs ====
+
+# Tolerances, all measured and explained in tests/README.md.
+BF16_MAX_ABS = 1e-2          # vs the recurrent-path reference (ref2), every position
+CHUNKED_MAX_ABS = 0.05       # vs ref/ (HF's chunked prefill, which itself differs from HF's recurrent path by 0.028)
+
+
+def logits_of(model, quant, case, flag):
+    out = os.path.join(TMP, f"{model}.{quant}.{case}.{flag}.f32")
+    r = run(["-m", gguf(model, quant), "-f", prompt_file(model, case), "-n", "0", "-q", "--" + flag, out])
+    return f32(out) if r.returncode == 0 else array.array("f"), r
+
+
+def test_logits():
+    for m in MODELS:
+        V = ref(m)["vocab_size"]
+        for q in QUANTS:
+            for case in ("short", "long"):
+                for flag, what, refname in (("logits-out", "logits", "logits"), ("mtp-logits-out", "MTP logits", "mtp_logits")):
+                    ours, r = logits_of(m, q, case, flag)
+                    if r.returncode:
+                        check(f"{what}: {m} {q} {case}", False, r.stderr.decode()[-300:])
+                        continue
+                    chunked = f32(os.path.join(FIX, m, "ref", f"{case}.{refname}.f32"))
+                    rec_path = os.path.join(FIX, m, "ref2", f"{q}.{case}.{refname}.f32")
+                    if q == "bf16":
+                        d, agree, n, row = compare(ours, chunked, V)
+                        check(f"{what}: {m} bf16 {case} vs HF (chunked prefill)", d <= CHUNKED_MAX_ABS and agree >= n - 1,
+                              f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
+                    if os.path.exists(rec_path):
+                        d, agree, n, row = compare(ours, f32(rec_path), V)
+                        bound = BF16_MAX_ABS if q == "bf16" else QUANT_MAX_ABS[q]
+                        need = n if q == "bf16" else int(n * QUANT_MIN_ARGMAX[q])
+                        check(f"{what}: {m} {q} {case} vs HF recurrent{'' if q == 'bf16' else ' on the dequantised weights'}",
+                              d <= bound and agree >= need, f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
+                    elif q != "bf16":
+                        d, agree, n, row = compare(ours, chunked, V)
+                        check(f"{what}: {m} {q} {case} vs HF bf16", agree >= int(n * QUANT_VS_BF16_ARGMAX[q]), f"argmax {agree}/{n}, max|diff| {d:.3f}")
+
+
+QUANT_MAX_ABS = {"q8_0": 1.0, "q4_k_m": 3.0}
+QUANT_MIN_ARGMAX = {"q8_0": 0.9, "q4_k_m": 0.85}
+QUANT_VS_BF16_ARGMAX = {"q8_0": 0.75, "q4_k_m": 0.2}
+
+
+def greedy_ids(model, quant, case, extra, n=24):
+    r = run(["-m", gguf(model, quant), "-f", prompt_file(model, case), "-n", str(n), "--temp", "0", "--ids", "-q",
+             "--ignore-eos", "--no-display-prompt"] + extra)
+    return ([int(x) for x in r.stdout.split()] if r.returncode == 0 else None), r
+
+
+def test_greedy():
+    for m in MODELS:
+        for case in ("short", "long"):
+            want = ref(m)["cases"][case]["greedy_ids"]
+            got, r = greedy_ids(m, "bf16", case, ["--no-mtp"])
+            check(f"greedy: {m} bf16 {case}: 24 tokens equal HF generate", got == want, f"got {got}\nwant {want}" if got != want else "")
+
+
+def test_mtp_identity():
+    drafts = [["--draft", "1"], ["--draft", "2"], ["--draft", "3"], ["--draft-max", "4"]]
+    for m in MODELS:
+        for q in QUANTS:
+            for case in ("short", "long"):
+                base, r = greedy_ids(m, q, case, ["--no-mtp"], 48)
+                bad = []
+                for d in drafts:
+                    got, r = greedy_ids(m, q, case, d, 48)
+                    if got != base:
+                        bad.append(" ".join(d))
+                check(f"mtp: {m} {q} {case}: greedy output with K=1,2,3,adaptive equals --no-mtp", base is not None and not bad,
+                      f"differs for {bad}" if bad else "")
+
+
+def test_sampling():
+    m = "qwen35-dense"
+    args = ["-m", gguf(m, "q8_0"), "-p", "The quick brown fox", "-n", "40", "--temp", "0.9", "--ids", "-q", "--no-display-prompt"]
+    a, b, c = run(args + ["--seed", "7"]), run(args + ["--seed", "7"]), run(args + ["--seed", "8"])
+    check("sampling: the same --seed gives the same output (MTP on)", a.returncode == 0 and a.stdout == b.stdout and len(a.stdout.split()) == 40)
+    check("sampling: another seed gives other output", a.stdout != c.stdout)
+    d = run(args + ["--seed", "7", "--no-mtp"])
+    e = run(args + ["--seed", "7", "--no-mtp"])
+    check("sampling: the same --seed gives the same output (MTP off)", d.returncode == 0 and d.stdout == e.stdout)
+    r = run(["-m", gguf(m, "q8_0"), "-p", "The quick brown fox", "-n", "20", "--temp", "0.7", "--top-k", "0", "--top-p", "0.9",
+             "--min-p", "0", "--repeat-penalty", "1.3", "--seed", "3", "-q"])
+    check("sampling: full-vocabulary top-p with repetition penalty runs", r.returncode == 0 and len(r.stdout) > len("The quick brown fox"))
+
+
+def test_cli():
+    m = gguf("qwen35-dense", "q8_0")
+    r = run(["-m", m, "-p", "The quick brown fox", "-n", "8", "--temp", "0"])
+    out, err = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+    check("cli: prompt echoed then text on stdout, timings on stderr", r.returncode == 0 and out.startswith("The quick brown fox")
+          and len(out) > len("The quick brown fox") and "tok/s" in err and "tok/s" not in out)
+    r = run(["-m", m, "-n", "4", "--temp", "0", "--no-display-prompt", "-q"], stdin=b"The quick brown fox")
+    check("cli: prompt from stdin, --quiet keeps stderr empty", r.returncode == 0 and r.stdout and not r.stderr, r.stderr.decode()[-300:])
+    r = run(["-m", m, "-p", "-", "-n", "4", "--temp", "0", "-q"], stdin=b"The quick brown fox")
+    check("cli: -p - reads stdin", r.returncode == 0 and r.stdout.startswith(b"The quick brown fox"))
+    r = run(["--help"])
+    check("cli: --help documents the flags", r.returncode == 0 and b"--draft-max" in r.stdout and b"--logits-out" in r.stdout)
+    stats = os.path.join(TMP, "stats.json")
+    r = run(["-m", m, "-p", "The quick brown fox", "-n", "16", "--temp", "0", "-q", "--stats-json", stats])
+    ok = r.returncode == 0 and os.path.exists(stats)
+    if ok:
+        with open(stats) as f:
+            s = json.load(f)
+        ok = s["n_gen"] == 16 and s["mtp"] is True and s["tested"] >= s["accepted"] and s["drafted"] >= s["tested"]
+    check("cli: --stats-json writes consistent JSON", ok)
+
+
+# ==== errors: every bad input gets one clear line and a non-zero exit ====
+
+def gguf_layout(data):
+    """Offsets of the metadata values and tensor infos of a GGUF image."""
+    o = 24
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    n_t, n_kv = struct.unpack_from("<QQ", data, 8)
+    kvs, tensors = {}, {}
+
+    def skip(t, o):
+        if t == 8:
+            return o + 8 + struct.unpack_from("<Q", data, o)[0]
+        if t == 9:
+            et, n = struct.unpack_from("<IQ", data, o)
+            o += 12
+            for _ in range(n):
+                o = skip(et, o)
+            return o
+        return o + sizes[t]
+    for _ in range(n_kv):
+        n = struct.unpack_from("<Q", data, o)[0]
+        key = data[o + 8:o + 8 + n].decode()
+        o += 8 + n
+        t = struct.unpack_from("<I", data, o)[0]
+        kvs[key] = o + 4
+        o = skip(t, o + 4)
+    for _ in range(n_t):
+        n = struct.unpack_from("<Q", data, o)[0]
+        name = data[o + 8:o + 8 + n].decode()
+        o += 8 + n
+        nd = struct.unpack_from("<I", data, o)[0]
+        tensors[name] = {"dims": o + 4, "type": o + 4 + 8 * nd, "offset": o + 4 + 8 * nd + 4}
+        o += 4 + 8 * nd + 4 + 8
+    return kvs, tensors
+
+
+def test_errors():
+    with open(gguf("qwen35-dense", "q8_0"), "rb") as f:
+        good = f.read()
+    kvs, tensors = gguf_layout(good)
+
+    def variant(name, fn):
+        data = bytearray(good)
+        fn(data)
+        path = os.path.join(TMP, name + ".gguf")
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def patch(data, at, fmt, value):
+        struct.pack_into(fmt, data, at, value)
+
+    arch_at = kvs["general.architecture"] + 8
+    cases = [
+        ("missing model file", ["-m", os.path.join(TMP, "nope.gguf"), "-p", "x"], "cannot open model"),
+        ("directory as model", ["-m", TMP, "-p", "x"], "is a directory"),
+        ("not a GGUF file", ["-m", os.path.join(FIX, "README.md"), "-p", "x"], "not a GGUF"),
+        ("bad magic", ["-m", variant("magic", lambda d: d.__setitem__(slice(0, 4), b"GGUX")), "-p", "x"], "not a GGUF"),
+        ("unsupported version", ["-m", variant("version", lambda d: patch(d, 4, "<I", 9)), "-p", "x"], "unsupported GGUF version"),
+        ("truncated header", ["-m", variant("trunc-head", lambda d: d.__delitem__(slice(200, None))), "-p", "x"], "truncated"),
+        ("truncated tensor data", ["-m", variant("trunc-data", lambda d: d.__delitem__(slice(len(good) // 2, None))), "-p", "x"], "past the end"),
+        ("tensor offset past the end", ["-m", variant("offset", lambda d: patch(d, tensors["blk.0.ffn_up.weight"]["offset"], "<Q", 1 << 40)), "-p", "x"], "past the end"),
+        ("absurd metadata count", ["-m", variant("count", lambda d: patch(d, 16, "<Q", 1 << 60)), "-p", "x"], "counts larger than the file"),
+        ("unsupported architecture", ["-m", variant("arch", lambda d: d.__setitem__(slice(arch_at, arch_at + 6), b"llama9")), "-p", "x"], "architecture 'llama9' is not supported"),
+        ("unsupported tensor type", ["-m", variant("type", lambda d: patch(d, tensors["blk.0.ffn_up.weight"]["type"], "<I", 16)), "-p", "x"], "does not support"),
+        ("missing tensor", ["-m", variant("missing", lambda d: d.__setitem__(slice(tensors["blk.0.ffn_up.weight"]["dims"] - 8, tensors["blk.0.ffn_up.weight"]["dims"] - 4), b"upzz")), "-p", "x"], "missing tensor 'blk.0.ffn_up.weight'"),
+        ("shape mismatch", ["-m", variant("shape", lambda d: patch(d, tensors["blk.0.ffn_up.weight"]["dims"] + 8, "<Q", 256)), "-p", "x"], "expected"),
+        ("absurd dimensions", ["-m", variant("dims", lambda d: patch(d, kvs["qwen35.embedding_length"], "<I", 1 << 30)), "-p", "x"], "implausible"),
+        ("vocabulary-only model for generation", ["-m", os.path.join(FIX, "tokenizer", "qwen3-vocab.gguf"), "-p", "x"], "only --tokenize"),
+        ("prompt longer than the context", ["-m", gguf("qwen35-dense", "q8_0"), "-f", prompt_file("qwen35-dense", "long"), "-c", "64"], "context holds 64"),
+        ("context larger than the model's", ["-m", gguf("qwen35-dense", "q8_0"), "-p", "x", "-c", "100000"], "exceeds the model's context"),
+        ("empty prompt", ["-m", gguf("qwen35-dense", "q8_0"), "-p", ""], "prompt is empty"),
+        ("missing prompt file", ["-m", gguf("qwen35-dense", "q8_0"), "-f", os.path.join(TMP, "none.txt")], "cannot open prompt file"),
+        ("unknown option", ["-m", gguf("qwen35-dense", "q8_0"), "--frobnicate"], "unknown option"),
+        ("zero threads", ["-m", gguf("qwen35-dense", "q8_0"), "-t", "0", "-p", "x"], "-t expects"),
+        ("non-numeric count", ["-m", gguf("qwen35-dense", "q8_0"), "-n", "lots", "-p", "x"], "-n expects"),
+        ("flag without its value", ["-m"], "needs a value"),
+        ("no model", ["-p", "x"], "no model given"),
+    ]
+    for name, args, want in cases:
+        r = run(args, stdin=b"")
+        err = r.stderr.decode(errors="replace")
+        lines = err.strip().splitlines()
+        ok = r.returncode not in (0, None) and r.returncode > 0 and len(lines) == 1 and want in err and "error" in err
+        check(f"error: {name}", ok, f"exit {r.returncode}, stderr {err.strip()!r}")
+
+
+def main():
+    if not os.path.exists(BIN):
+        print(f"{BIN} is not built (run make)")
+        print("0 passed, 1 failed")
+        return 1
+    groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy]
+    if not QUICK:
+        groups.append(test_mtp_identity)
+    for g in groups:
+        if ONLY in g.__name__:
+            g()
+    shutil.rmtree(TMP, ignore_errors=True)
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

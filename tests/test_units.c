@@ -1,0 +1,247 @@
+/* test_units - tests of mtp.c's internals that the command line cannot reach.
+ *
+ * It includes mtp.c itself (without its main) so the static functions are
+ * in scope.  Subcommands, each printing "N passed, N failed":
+ *   spec-stats               the speculative acceptance rule is lossless
+ *   rollback MODEL.gguf      verify-then-reject leaves exactly the state of plain decoding,
+ *                            and oracle drafts (right, then wrong) give plain decoding's output
+ *   roundtrip VOCAB.gguf F   decode(encode(text)) == text for every NUL-separated text in F
+ */
+#define MTP_NO_MAIN
+#include "../mtp.c"
+
+static int n_pass, n_fail;
+
+static void check(int ok, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%s: ", ok ? "ok" : "FAIL");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    ok ? n_pass++ : n_fail++;
+}
+
+static int finish(void) {
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
+
+/* ==== spec-stats ====
+ * Draw d ~ q, keep it or replace it by the rule, many times; the emitted
+ * tokens must follow p.  Fixed seeds keep the test deterministic, and the
+ * bounds (chi-square at p ~ 1e-4 for 7 degrees of freedom, total variation
+ * 0.01 at 400k draws) would catch any bias of a percent. */
+
+static void set_dist(Dist *d, const float *p, int n) {
+    d->n = 0;
+    float sum = 0;
+    for (int i = 0; i < n; i++) sum += p[i];
+    for (int i = 0; i < n; i++)
+        if (p[i] > 0) {
+            d->ids[d->n] = i;
+            d->p[d->n++] = p[i] / sum;
+        }
+}
+
+static void spec_case(const char *name, const float *p, const float *q, int V) {
+    Sampler s;
+    SamplerCfg cfg = {.temp = 1, .top_p = 1, .rep_penalty = 1, .rng = 12345};
+    sampler_init(&s, &cfg, V);
+    Dist dp, dq;
+    dist_init(&dp, V);
+    dist_init(&dq, V);
+    set_dist(&dp, p, V);
+    set_dist(&dq, q, V);
+    const int N = 400000;
+    long count[64] = {0}, kept = 0;
+    for (int i = 0; i < N; i++) {
+        int32_t d = dist_sample(&dq, &s.cfg.rng), out;
+        if (spec_accept(&s, &dp, &dq, d, &out)) {
+            out = d;
+            kept++;
+        }
+        count[out]++;
+    }
+    double chi2 = 0, tv = 0, psum = 0, expected_keep = 0;
+    for (int i = 0; i < V; i++) psum += p[i];
+    for (int i = 0; i < V; i++) {
+        double pi = p[i] / psum, e = pi * N;
+        if (e > 0) chi2 += (count[i] - e) * (count[i] - e) / e;
+        else if (count[i]) chi2 = INFINITY;
+        tv += fabs(count[i] / (double)N - pi) / 2;
+        expected_keep += fmin(pi, dist_prob(&dq, i));
+    }
+    check(chi2 < 35 && tv < 0.01, "%s: emitted tokens follow p (chi2 %.1f, TV %.4f over %d draws)", name, chi2, tv, N);
+    check(fabs(kept / (double)N - expected_keep) < 0.01, "%s: acceptance rate %.4f = sum min(p,q) %.4f", name, kept / (double)N, expected_keep);
+    dist_free(&dp);
+    dist_free(&dq);
+    sampler_free(&s);
+}
+
+static int cmd_spec_stats(void) {
+    float p1[8] = {0.30f, 0.20f, 0.15f, 0.10f, 0.10f, 0.08f, 0.05f, 0.02f};
+    float q1[8] = {0.05f, 0.10f, 0.40f, 0.05f, 0.20f, 0.10f, 0.05f, 0.05f};
+    spec_case("overlapping supports", p1, q1, 8);
+    float p2[8] = {0.5f, 0.3f, 0.2f, 0, 0, 0, 0, 0};     /* target truncated (top-k 3) */
+    float q2[8] = {0.1f, 0.1f, 0, 0.4f, 0.4f, 0, 0, 0};  /* draft mass partly outside it */
+    spec_case("disjoint-ish supports", p2, q2, 8);
+    float p3[8] = {0, 0, 0, 1, 0, 0, 0, 0};              /* greedy target */
+    spec_case("one-hot target", p3, q1, 8);
+    return finish();
+}
+
+/* ==== rollback ====
+ * Engine A decodes one token at a time; engine B verifies oracle drafts
+ * (the right continuation with a wrong token planted at a varying depth).
+ * After every B step, A catches up to the same position and the two states
+ * must be bit-identical, and B's output must equal A's. */
+
+typedef struct { int32_t toks[4096]; int n; } Collect;
+
+static int collect(void *ud, int32_t t) {
+    Collect *c = ud;
+    if (c->n < 4096) c->toks[c->n++] = t;
+    return 0;
+}
+
+static void engine_open(Engine *e, Model *m, int n_ctx, int n_slots) {
+    memset(e, 0, sizeof *e);
+    e->model = m;
+    pool_init(&e->pool, 2);
+    state_init(&e->st, &m->cfg, n_ctx, n_slots);
+    scratch_init(&e->s, &m->cfg, n_ctx, 2);
+}
+
+static void engine_close(Engine *e) {
+    scratch_free(&e->s);
+    state_free(&e->st);
+    pool_free(&e->pool);
+}
+
+static int states_equal(const Engine *a, const Engine *b) {
+    const Config *c = &a->model->cfg;
+    if (a->st.n_past != b->st.n_past) return 0;
+    size_t kv = (size_t)a->st.n_past * c->n_kv_head * c->head_dim * sizeof(float);
+    for (int l = 0; l < c->n_layer; l++) {
+        if (c->recurrent[l]) {
+            if (memcmp(a->st.ssm[l] + a->st.slot * ssm_slot_floats(c), b->st.ssm[l] + b->st.slot * ssm_slot_floats(c), ssm_slot_floats(c) * sizeof(float)) ||
+                memcmp(a->st.conv[l] + a->st.slot * conv_slot_floats(c), b->st.conv[l] + b->st.slot * conv_slot_floats(c), conv_slot_floats(c) * sizeof(float)))
+                return 0;
+        } else if (memcmp(a->st.k_cache[l], b->st.k_cache[l], kv) || memcmp(a->st.v_cache[l], b->st.v_cache[l], kv)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int cmd_rollback(const char *path) {
+    Model m;
+    model_open(&m, path);
+    load_config(&m);
+    load_weights(&m);
+    const int K = 4, n_gen = 60, n_ctx = 256;
+    uint8_t *eog = xcalloc(m.cfg.n_vocab, 1);
+    SamplerCfg greedy = {.temp = 0, .top_p = 1, .rep_penalty = 1, .rng = 1};
+    SpecCfg spec = {.n_draft = K};
+    Engine ea, eb;
+    engine_open(&ea, &m, n_ctx, 1);
+    engine_open(&eb, &m, n_ctx, K + 2);
+    Sampler sa, sb;
+    sampler_init(&sa, &greedy, m.cfg.n_vocab);
+    sampler_init(&sb, &greedy, m.cfg.n_vocab);
+    Gen ga, gb;
+    gen_init(&ga, &ea, &sa, &spec, 0, eog);
+    gen_init(&gb, &eb, &sb, &spec, 0, eog);
+    int32_t prompt[12];
+    for (int i = 0; i < 12; i++) prompt[i] = (i * 97 + 13) % m.cfg.n_vocab;
+    /* the plain continuation is the oracle */
+    Collect plain = {0}, spec_out = {0}, scratch = {0};
+    int done = 0;
+    generate(&ga, prompt, 12, n_gen, NULL, collect, &plain);
+    gen_free(&ga);
+    state_free(&ea.st);
+    state_init(&ea.st, &m.cfg, n_ctx, 1);
+    gen_init(&ga, &ea, &sa, &spec, 0, eog);
+    gen_feed(&ga, prompt, 12, NULL);
+    gen_feed(&gb, prompt, 12, NULL);
+    ga.toks[ga.n_toks++] = plain.toks[0];
+    gb.toks[gb.n_toks++] = plain.toks[0];
+    ga.st.n_gen = gb.st.n_gen = 1;
+    int steps = 0, full = 0, rejects = 0, all_equal = 1;
+    while (gb.st.n_gen < n_gen - K - 1 && !done) {
+        int k = 1 + steps % K, wrong_at = steps % (K + 2);    /* wrong_at >= k: every draft right */
+        for (int i = 0; i < k; i++) {
+            int32_t right = plain.toks[gb.st.n_gen + i];
+            int32_t d = i == wrong_at ? (right + 1) % m.cfg.n_vocab : right;
+            gb.toks[gb.n_toks + i] = d;
+            gb.q[i].n = 1;
+            gb.q[i].ids[0] = d;
+            gb.q[i].p[0] = 1;
+        }
+        int before = gb.st.n_gen;
+        advance(&gb, k, n_gen, collect, &spec_out, &done);
+        int emitted = gb.st.n_gen - before;
+        if (emitted == k + 1) full++;
+        else rejects++;
+        while (ea.st.n_past < eb.st.n_past) advance(&ga, 0, n_gen, collect, &scratch, &done);
+        all_equal &= states_equal(&ea, &eb);
+        steps++;
+    }
+    check(all_equal, "state after verify-then-reject equals plain decoding, bit for bit (%d steps: %d full accepts, %d rejections)", steps, full, rejects);
+    check(full > 3 && rejects > 3, "the run exercised both full accepts and rejections");
+    int same = spec_out.n > 0 && memcmp(spec_out.toks, plain.toks + 1, spec_out.n * sizeof(int32_t)) == 0;
+    check(same, "oracle speculation emits plain decoding's %d tokens", spec_out.n);
+    gen_free(&ga);
+    gen_free(&gb);
+    sampler_free(&sa);
+    sampler_free(&sb);
+    engine_close(&ea);
+    engine_close(&eb);
+    free(eog);
+    model_free(&m);
+    return finish();
+}
+
+/* ==== roundtrip ==== */
+
+static int cmd_roundtrip(const char *vocab_path, const char *cases_path) {
+    Model m;
+    model_open(&m, vocab_path);
+    Vocab v;
+    vocab_load(&v, &m.gguf);
+    size_t len;
+    char *all = read_all(cases_path, &len);
+    int n_cases = 0, n_ok = 0;
+    for (size_t at = 0; at < len;) {
+        size_t n = strlen(all + at);
+        int32_t *ids;
+        int n_ids;
+        if (tok_encode(&v.tok, all + at, n, 0, &ids, &n_ids)) die("out of memory");
+        char *text = xmalloc((size_t)n_ids * 512 + 64);
+        size_t got = 0;
+        TokStream ts = {0};
+        for (int i = 0; i < n_ids; i++) got += (size_t)tok_stream(&v.tok, &ts, ids[i], text + got, 512);
+        got += (size_t)tok_stream_flush(&ts, text + got, 64);
+        int ok = got == n && memcmp(text, all + at, n) == 0;
+        if (!ok) printf("FAIL: round trip of case %d (%zu bytes -> %zu)\n", n_cases, n, got);
+        n_ok += ok;
+        n_cases++;
+        free(ids);
+        free(text);
+        at += n + 1;
+    }
+    check(n_ok == n_cases && n_cases > 0, "decode(encode(x)) == x for %d/%d texts", n_ok, n_cases);
+    free(all);
+    vocab_free(&v);
+    model_free(&m);
+    return finish();
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "spec-stats")) return cmd_spec_stats();
+    if (argc >= 3 && !strcmp(argv[1], "rollback")) return cmd_rollback(argv[2]);
+    if (argc >= 4 && !strcmp(argv[1], "roundtrip")) return cmd_roundtrip(argv[2], argv[3]);
+    fprintf(stderr, "usage: test_units spec-stats | rollback MODEL | roundtrip VOCAB CASES\n");
+    return 2;
+}
