@@ -13,22 +13,26 @@ LDLIBS  := -lm -lpthread
 ifeq ($(CROSS),aarch64)
   CC := aarch64-linux-gnu-gcc
   MARCH := -march=armv8.2-a+fp16+dotprod
-  SUFFIX := -aarch64
+  SUFFIX ?= -aarch64
   LDFLAGS += -static
 else ifeq ($(ARCH),scalar)
   MARCH := -DKN_FORCE_SCALAR
-  SUFFIX := -scalar
+  SUFFIX ?= -scalar
 else
   MARCH := -march=$(ARCH)
 endif
+SUFFIX ?=
 
 KERNEL_SRC := kernels/scalar.c kernels/avx2.c kernels/avx512.c kernels/neon.c
 HDRS := kernels/kernels.h $(wildcard tools/unicode_tables.h)
 
-all: mtp-gen$(SUFFIX) test_kernels$(SUFFIX) test_units$(SUFFIX)
+all: mtp-gen$(SUFFIX) mtp-convert$(SUFFIX) test_kernels$(SUFFIX) test_units$(SUFFIX)
 
 mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ mtp.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
+
+mtp-convert$(SUFFIX): tools/convert.c
+	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tools/convert.c $(LDFLAGS) $(LDLIBS)
 
 test_kernels$(SUFFIX): tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
@@ -36,13 +40,15 @@ test_kernels$(SUFFIX): tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
 test_units$(SUFFIX): tests/test_units.c mtp.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -Wno-unused-function -o $@ tests/test_units.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
 
+ASAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
 asan:
-	$(MAKE) mtp-gen SUFFIX=-asan CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+	$(MAKE) mtp-gen-asan test_kernels-asan test_units-asan SUFFIX=-asan CFLAGS="$(ASAN_FLAGS)"
 
+# the whole suite: native, sanitizers, NEON under qemu (tests/all.sh)
 test: all
-	python3 tests/run.py
+	sh tests/all.sh
 
 clean:
-	rm -f mtp-gen mtp-gen-* test_kernels test_kernels-*
+	rm -f mtp-gen mtp-gen-* mtp-convert mtp-convert-* test_kernels test_kernels-* test_units test_units-*
 
 .PHONY: all asan test clean

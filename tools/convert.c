@@ -482,21 +482,18 @@ static size_t block_bytes(int t)
 
 static size_t row_bytes(int t, int64_t n) { return (size_t)(n / block_elems(t)) * block_bytes(t); }
 
-/* Half away from zero, as C's roundf and the reference quantisers use. */
-static int round_int(float x) { return (int)roundf(x); }
-
 static int clamp_int(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
-/* Q8_0: d = max|x| / 127, q = round(x / d). The division (not a multiply by 1/d) is what
- * llama.cpp's converter does, so our bytes match its. */
+/* Q8_0: d = max|x| / 127, q = round(x * (1/d)). Multiplying by the rounded reciprocal (not
+ * dividing) is what ggml's reference and llama.cpp's converter do; it decides the ties. */
 static void quant_q8_0(const float *x, uint8_t *out, int64_t n)
 {
     for (int64_t b = 0; b < n / 32; b++, x += 32, out += 34) {
         float amax = 0;
         for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[i]));
-        float d = amax / 127;
+        float d = amax / 127, id = d != 0 ? 1 / d : 0;
         put_u16(out, f32_to_f16(d));
-        for (int i = 0; i < 32; i++) out[2 + i] = (uint8_t)(int8_t)(d == 0 ? 0 : round_int(x[i] / d));
+        for (int i = 0; i < 32; i++) out[2 + i] = (uint8_t)(int8_t)roundf(x[i] * id);   /* ties away from zero */
     }
 }
 
@@ -521,60 +518,78 @@ static void quant_q5_0(const float *x, uint8_t *out, int64_t n)
     }
 }
 
+/* Round to nearest, ties to even, for |x| < 2^22: adding 1.5 * 2^23 pushes the fraction out
+ * of the mantissa, leaving the integer in its low bits. The k-quant searches round this way. */
+static int nearest_int(float x)
+{
+    float v = x + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &v, 4);
+    return (i & 0x7fffff) - 0x400000;
+}
+
 /* Best x ~= scale * q - offset over q in [0, nmax], offset >= 0, minimising the weighted
- * squared error. Candidate scales sweep around range/nmax; each candidate's rounding is then
- * refitted by weighted least squares. Returns scale and stores offset. */
+ * squared error. Candidate scales sweep around range/nmax; each candidate's codes are then
+ * refitted by weighted least squares. Candidates quantise relative to the best offset so far,
+ * so the sweep explores offsets too (as ggml's does; it lowers the error by about 0.5%).
+ * Returns scale and stores offset. */
 static float fit_affine(const float *x, const float *w, int n, int nmax, float *offset)
 {
-    float lo = x[0], hi = x[0];
-    for (int i = 1; i < n; i++) { lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]); }
+    float lo = x[0], hi = x[0], sw = 0, sx = 0;
+    for (int i = 0; i < n; i++) {
+        lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]);
+        sw += w[i]; sx += w[i] * x[i];
+    }
     if (lo > 0) lo = 0;
     if (hi == lo) { *offset = -lo; return 0; }
-    float best_scale = (hi - lo) / nmax, best_min = lo, best_err = INFINITY;
+    float best_scale = (hi - lo) / nmax, best_min = lo, best_err = 0;
+    for (int i = 0; i < n; i++) {
+        float e = best_scale * (float)clamp_int(nearest_int((x[i] - lo) / best_scale), 0, nmax) + lo - x[i];
+        best_err += w[i] * e * e;
+    }
+    int q[32];
     for (int step = 0; step <= 20; step++) {
-        float iscale = (nmax - 1.0f + 0.1f * step) / (hi - lo);
-        double sw = 0, sq = 0, sqq = 0, sx = 0, sqx = 0;
+        float iscale = (nmax - 1.0f + 0.1f * step) / (hi - lo), sq = 0, sqq = 0, sqx = 0;
         for (int i = 0; i < n; i++) {
-            float q = (float)clamp_int(round_int(iscale * (x[i] - lo)), 0, nmax);
-            sw += w[i]; sq += w[i] * q; sqq += w[i] * q * q; sx += w[i] * x[i]; sqx += w[i] * q * x[i];
+            q[i] = clamp_int(nearest_int(iscale * (x[i] - lo)), 0, nmax);
+            float wq = w[i] * (float)q[i];
+            sq += wq; sqq += wq * (float)q[i]; sqx += wq * x[i];
         }
-        double det = sw * sqq - sq * sq;
+        float det = sw * sqq - sq * sq;
         if (det <= 0) continue;
-        double scale = (sw * sqx - sq * sx) / det, min = (sqq * sx - sq * sqx) / det;
+        float scale = (sw * sqx - sq * sx) / det, min = (sqq * sx - sq * sqx) / det, err = 0;
         if (min > 0) { min = 0; scale = sqx / sqq; }
-        double err = 0;
         for (int i = 0; i < n; i++) {
-            int q = scale > 0 ? clamp_int(round_int((float)((x[i] - min) / scale)), 0, nmax) : 0;
-            double e = scale * q + min - x[i];
+            float e = scale * (float)q[i] + min - x[i];
             err += w[i] * e * e;
         }
-        if (err < best_err) { best_err = (float)err; best_scale = (float)scale; best_min = (float)min; }
+        if (err < best_err) { best_err = err; best_scale = scale; best_min = lo = min; }
     }
     *offset = -best_min;
     return best_scale;
 }
 
 /* Best x ~= scale * q over q in [-nmax, nmax-1] (weighted). The value of largest magnitude
- * is mapped to the -nmax end, which has one more step than the positive side. */
+ * is mapped to the -nmax end, which has one more step than the positive side, so the scale
+ * comes out negative when that value is positive. */
 static float fit_symmetric(const float *x, const float *w, int n, int nmax)
 {
     float amax = 0, vmax = 0;
     for (int i = 0; i < n; i++)
         if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); vmax = x[i]; }
     if (amax == 0) return 0;
-    double best_num = -1, best_den = 1;
+    float best_scale = 0, best_gain = 0;
     for (int step = -9; step <= 9; step++) {
-        float iscale = -(nmax + 0.1f * step) / vmax;
-        double num = 0, den = 0;
+        float iscale = -(nmax + 0.1f * step) / vmax, num = 0, den = 0;
         for (int i = 0; i < n; i++) {
-            int q = clamp_int(round_int(iscale * x[i]), -nmax, nmax - 1);
+            float q = (float)clamp_int(nearest_int(iscale * x[i]), -nmax, nmax - 1);
             num += w[i] * x[i] * q;
             den += w[i] * q * q;
         }
-        /* least-squares error falls as num^2/den grows */
-        if (den > 0 && num * num * best_den > best_num * best_num * den) { best_num = num; best_den = den; }
+        /* the least-squares scale is num/den; the error falls by its gain num^2/den */
+        if (den > 0 && num * num > best_gain * den) { best_scale = num / den; best_gain = best_scale * num; }
     }
-    return best_num < 0 ? 0 : (float)(best_num / best_den);
+    return best_scale;
 }
 
 /* Six-bit scale and min codes of a Q4_K/Q5_K super-block, packed into 12 bytes. */
@@ -608,8 +623,8 @@ static void quant_k_affine(const float *x, uint8_t *out, int64_t n, int bits)
         int ls[8], lm[8];
         float inv_s = max_scale > 0 ? 63 / max_scale : 0, inv_m = max_offset > 0 ? 63 / max_offset : 0;
         for (int j = 0; j < 8; j++) {
-            ls[j] = clamp_int(round_int(inv_s * scale[j]), 0, 63);
-            lm[j] = clamp_int(round_int(inv_m * offset[j]), 0, 63);
+            ls[j] = clamp_int(nearest_int(inv_s * scale[j]), 0, 63);
+            lm[j] = clamp_int(nearest_int(inv_m * offset[j]), 0, 63);
         }
         uint16_t d16 = f32_to_f16(max_scale / 63), m16 = f32_to_f16(max_offset / 63);
         float d = f16_to_f32(d16), dmin = f16_to_f32(m16);
@@ -621,7 +636,7 @@ static void quant_k_affine(const float *x, uint8_t *out, int64_t n, int bits)
         for (int j = 0; j < 8; j++) {
             float step = d * ls[j], min = dmin * lm[j];
             for (int i = 0; i < 32; i++) {
-                int q = step > 0 ? clamp_int(round_int((x[32 * j + i] + min) / step), 0, nmax) : 0;
+                int q = step > 0 ? clamp_int(nearest_int((x[32 * j + i] + min) / step), 0, nmax) : 0;
                 uint8_t *byte = &qs[32 * (j / 2) + i];
                 if (j % 2 == 0) *byte = (uint8_t)(q & 15);
                 else *byte |= (uint8_t)((q & 15) << 4);
@@ -650,10 +665,10 @@ static void quant_q6_k(const float *x, uint8_t *out, int64_t n)
         uint16_t d16 = f32_to_f16(1 / iscale);
         float d = f16_to_f32(d16);
         put_u16(out + 208, d16);
-        for (int j = 0; j < 16; j++) sc[j] = (int8_t)clamp_int(round_int(iscale * scale[j]), -128, 127);
+        for (int j = 0; j < 16; j++) sc[j] = (int8_t)clamp_int(nearest_int(iscale * scale[j]), -128, 127);
         for (int e = 0; e < 256; e++) {
             float step = d * sc[e / 16];
-            int q = step != 0 ? clamp_int(round_int(x[e] / step), -32, 31) + 32 : 32;
+            int q = step != 0 ? clamp_int(nearest_int(x[e] / step), -32, 31) + 32 : 32;
             int half = e / 128, l = e % 32, part = (e % 128) / 32;
             uint8_t *low = &ql[64 * half + l + (part & 1) * 32];
             *low |= (uint8_t)((q & 15) << (part >= 2 ? 4 : 0));
@@ -838,11 +853,15 @@ static void st_load_dir(const char *dir, StTensor **all, int *n_all)
         if (access(path, F_OK) != 0) die("shard %s named by the index is missing", path);
         st_open(path, all, n_all);
     }
+    char **names = xmalloc((size_t)*n_all * sizeof *names);
+    for (int j = 0; j < *n_all; j++) names[j] = (*all)[j].name;
+    qsort(names, (size_t)*n_all, sizeof *names, cmp_str);
     for (size_t i = 0; i < map->len; i++) {
-        int found = 0;
-        for (int j = 0; j < *n_all && !found; j++) found = strcmp((*all)[j].name, map->keys[i]) == 0;
-        if (!found) die("tensor %s listed in the index is missing from %s", map->keys[i], json_str(&map->kids[i]));
+        const char *key = map->keys[i];
+        if (!bsearch(&key, names, (size_t)*n_all, sizeof *names, cmp_str))
+            die("tensor %s listed in the index is missing from %s", key, json_str(&map->kids[i]));
     }
+    free(names);
     free(files);
     json_free(index);
     free(index);
@@ -948,9 +967,8 @@ static void load_config(const char *dir, Config *c)
     c->dv = cfg_int(c, "linear_value_head_dim");
     c->conv_k = cfg_int(c, "linear_conv_kernel_dim");
     c->n_mtp_config = (int)cfg_int_or(c, "mtp_num_hidden_layers", -1);
-    if (c->arch != ARCH_QWEN3NEXT && c->n_expert == 0) {
-        if (c->arch == ARCH_QWEN35MOE) die("config.json: MoE architecture without num_experts");
-    }
+    if (c->arch != ARCH_QWEN35 && (c->n_expert < 1 || c->n_expert_used < 1 || c->moe_ff < 1))
+        die("config.json: mixture-of-experts architecture without num_experts, num_experts_per_tok or moe_intermediate_size");
     if (c->n_layer < 1 || c->n_layer > 4096 || c->hidden < 1 || c->nk < 1 || c->nv % c->nk != 0)
         die("config.json: inconsistent sizes (layers %lld, hidden %lld, key heads %lld, value heads %lld)",
             (long long)c->n_layer, (long long)c->hidden, (long long)c->nk, (long long)c->nv);
@@ -1017,9 +1035,9 @@ static OutTensor *plan_add(Plan *p, int block, const char *suffix, const StTenso
     t->srcs = xmalloc(sizeof *t->srcs);
     t->srcs[0] = src;
     t->n_srcs = 1;
-    /* GGUF dimensions are the source's reversed; squeezing drops size-1 middle axes (conv1d) */
+    /* GGUF dimensions are the source's reversed, less size-1 middle axes (conv1d's [C, 1, K]) */
     for (int d = src->n_dims - 1; d >= 0; d--)
-        if (src->shape[d] != 1 || d == 0 || src->n_dims == 1) t->ne[t->n_dims++] = src->shape[d];
+        if (src->shape[d] != 1 || d == 0 || d == src->n_dims - 1) t->ne[t->n_dims++] = src->shape[d];
     t->part_rows = 1;
     for (int d = 1; d < t->n_dims; d++) t->part_rows *= t->ne[d];
     return t;
@@ -1057,7 +1075,7 @@ typedef struct {
     const Config *cfg;
     Plan plan;
     ExpertSet *experts;
-    int n_experts_sets;
+    int n_expert_sets;
     int *mtp_seen;              /* per MTP layer index: any tensor present */
 } Builder;
 
@@ -1066,10 +1084,10 @@ static const char *exps_names[3] = { "ffn_gate_exps.weight", "ffn_up_exps.weight
 
 static ExpertSet *expert_set(Builder *b, int block)
 {
-    for (int i = 0; i < b->n_experts_sets; i++)
+    for (int i = 0; i < b->n_expert_sets; i++)
         if (b->experts[i].block == block) return &b->experts[i];
-    b->experts = xrealloc(b->experts, (size_t)(b->n_experts_sets + 1) * sizeof *b->experts);
-    ExpertSet *s = &b->experts[b->n_experts_sets++];
+    b->experts = xrealloc(b->experts, (size_t)(b->n_expert_sets + 1) * sizeof *b->experts);
+    ExpertSet *s = &b->experts[b->n_expert_sets++];
     s->block = block;
     s->seen = 0;
     for (int p = 0; p < 3; p++) s->srcs[p] = xcalloc((size_t)b->cfg->n_expert, sizeof *s->srcs[p]);
@@ -1311,7 +1329,7 @@ static void build_plan(const Config *cfg, const StTensor *srcs, int n_srcs, Plan
 {
     Builder b = { cfg, { 0 }, NULL, 0, xcalloc(64, sizeof(int)) };
     for (int i = 0; i < n_srcs; i++) add_source(&b, &srcs[i]);
-    for (int i = 0; i < b.n_experts_sets; i++)
+    for (int i = 0; i < b.n_expert_sets; i++)
         if (b.experts[i].seen < 3 * cfg->n_expert)
             die("block %d has %d of its %lld expert tensors: checkpoint incomplete?", b.experts[i].block,
                 b.experts[i].seen, (long long)(3 * cfg->n_expert));
@@ -1458,6 +1476,7 @@ static const char *token_content(const Json *entry)
     return s ? s : json_str(json_get(entry, "content"));
 }
 
+/* Special token ids: the added token named in tokenizer_config.json, else config.json's id. */
 static void load_special_ids(Tokenizer *tk, const Config *cfg, const Json *added)
 {
     for (int k = 0; k < 7; k++) {
@@ -1465,12 +1484,14 @@ static void load_special_ids(Tokenizer *tk, const Config *cfg, const Json *added
         tk->special[k] = -1;
         snprintf(key, sizeof key, "%s_token", special_kinds[k]);
         const char *content = token_content(json_get(tk->tok_cfg, key));
-        for (size_t i = 0; content && added && i < added->len; i++)
-            if (!strcmp(json_str(json_get(&added->kids[i], "content")) ? json_str(json_get(&added->kids[i], "content")) : "", content)) {
-                const Json *id = json_get(&added->kids[i], "id");
+        for (size_t i = 0; content && added && i < added->len; i++) {
+            const char *name = json_str(json_get(&added->kids[i], "content"));
+            const Json *id = json_get(&added->kids[i], "id");
+            if (name && !strcmp(name, content)) {
                 if (id && id->type == J_NUM) tk->special[k] = (int64_t)id->num;
                 break;
             }
+        }
         snprintf(key, sizeof key, "%s_token_id", special_kinds[k]);
         const Json *id = json_get(cfg->top, key) ? json_get(cfg->top, key) : json_get(cfg->text, key);
         if (tk->special[k] < 0 && id && id->type == J_NUM && id->num >= 0) tk->special[k] = (int64_t)id->num;
@@ -1499,11 +1520,10 @@ static void load_chat_template(Tokenizer *tk, const char *dir)
 {
     const Json *t = json_get(tk->tok_cfg, "chat_template");
     if (json_str(t)) { tk->chat_template = xstrdup(t->str); return; }
-    for (size_t i = 0; t && t->type == J_ARR && i < t->len; i++)
-        if (!strcmp(json_str(json_get(&t->kids[i], "name")) ? json_str(json_get(&t->kids[i], "name")) : "", "default")) {
-            const char *s = json_str(json_get(&t->kids[i], "template"));
-            if (s) { tk->chat_template = xstrdup(s); return; }
-        }
+    for (size_t i = 0; t && t->type == J_ARR && i < t->len; i++) {
+        const char *name = json_str(json_get(&t->kids[i], "name")), *text = json_str(json_get(&t->kids[i], "template"));
+        if (name && text && !strcmp(name, "default")) { tk->chat_template = xstrdup(text); return; }
+    }
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
     tk->chat_template = read_file(path, NULL);

@@ -1,0 +1,41 @@
+#!/bin/sh
+# The whole suite, as CI runs it: the native build, the same tests under
+# AddressSanitizer + UBSan, and the NEON kernels built with the aarch64 cross
+# compiler and run under qemu-user.  Ends with one "N passed, N failed" line
+# that adds up every part.
+cd "$(dirname "$0")/.." || exit 1
+total_pass=0
+total_fail=0
+part() {   # part NAME COMMAND...: run a suite, add its closing counts
+    name=$1
+    shift
+    echo "==== $name ===="
+    out=$("$@" 2>&1)
+    rc=$?
+    printf '%s\n' "$out" | grep -v '^[0-9]* passed, [0-9]* failed$'
+    line=$(printf '%s\n' "$out" | grep '^[0-9]* passed, [0-9]* failed$' | tail -n 1)
+    p=$(echo "$line" | cut -d' ' -f1)
+    f=$(echo "$line" | cut -d' ' -f3)
+    [ -n "$p" ] || { p=0; f=1; }
+    [ "$rc" -eq 0 ] || [ "$f" -gt 0 ] || f=1
+    echo "$name: $p passed, $f failed"
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+}
+part native python3 tests/run.py
+if make -s asan >/dev/null; then
+    part asan env MTP_GEN=./mtp-gen-asan MTP_QUICK=1 ASAN_OPTIONS=detect_leaks=1 python3 tests/run.py
+else
+    echo "asan build failed"; total_fail=$((total_fail + 1))
+fi
+if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null; then
+    if make -s CROSS=aarch64 >/dev/null; then
+        part neon env MTP_GEN=./mtp-gen-aarch64 MTP_RUNNER=qemu-aarch64 MTP_QUICK=1 python3 tests/run.py
+    else
+        echo "aarch64 build failed"; total_fail=$((total_fail + 1))
+    fi
+else
+    echo "neon: skipped (install gcc-aarch64-linux-gnu and qemu-user)"
+fi
+echo "$total_pass passed, $total_fail failed"
+[ "$total_fail" -eq 0 ]
