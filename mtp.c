@@ -46,6 +46,13 @@
 
 /* ==== Utilities ==== */
 
+#ifdef MTP_FUZZ
+/* Fuzz builds only (tests/fuzz): a harness points this at its jmp_buf so that
+ * the loader's and parse_args' errors come back to it and the next input runs. */
+#include <setjmp.h>
+static jmp_buf *die_jump;
+#endif
+
 static void die(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -53,6 +60,9 @@ static void die(const char *fmt, ...) {
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
+#ifdef MTP_FUZZ
+    if (die_jump) longjmp(*die_jump, 1);
+#endif
     exit(1);
 }
 
@@ -198,10 +208,13 @@ static int gguf_tensor_info(Cursor *c, GgufTensor *t) {
     if (cur_str(c, &t->name, "tensor name") || cur_u32(c, &t->n_dims, "tensor dims")) return -1;
     if (t->n_dims < 1 || t->n_dims > 4) return cur_fail(c, "tensor rank");
     for (int d = 0; d < 4; d++) t->ne[d] = 1;
+    /* the element count, not just each dimension, stays below 2^48: products of ne[] never overflow */
+    uint64_t elems = 1;
     for (uint32_t d = 0; d < t->n_dims; d++) {
         uint64_t ne;
         if (cur_u64(c, &ne, "tensor shape")) return -1;
-        if (ne == 0 || ne > ((uint64_t)1 << 40)) return cur_fail(c, "tensor shape");
+        if (ne == 0 || ne > ((uint64_t)1 << 48) / elems) return cur_fail(c, "tensor shape");
+        elems *= ne;
         t->ne[d] = (int64_t)ne;
     }
     return cur_u32(c, &t->type, "tensor type") || cur_u64(c, &t->offset, "tensor offset") ? -1 : 0;
@@ -303,6 +316,13 @@ static double meta_float(const Gguf *g, const char *key, double def) {
     if (!kv) return def;
     if (kv->type == GG_F32 || kv->type == GG_F64) return kv->v.f;
     return (double)meta_int(g, key, 0);
+}
+
+/* An array of integers or bools, the only arrays arr_int can read. */
+static int arr_is_int(const GgufKV *kv) {
+    if (kv->type != GG_ARR) return 0;
+    uint32_t et = kv->v.arr.type;
+    return et != GG_F32 && et != GG_F64 && et != GG_STR;
 }
 
 /* Element i of an integer or bool array. */
@@ -581,7 +601,7 @@ static void load_config(Model *m) {
     const GgufKV *rec = gguf_find(&m->gguf, TNAME(key, "%s.attention.recurrent_layers", arch_names[c->arch]));
     int64_t interval = arch_int(m, "full_attention_interval", 4);
     check_range("full_attention_interval", interval, 1, MAX_LAYERS);
-    if (rec && (rec->type != GG_ARR || rec->v.arr.type == GG_STR || rec->v.arr.n < (uint64_t)c->n_layer))
+    if (rec && (!arr_is_int(rec) || rec->v.arr.n < (uint64_t)c->n_layer))
         die("metadata '%s' must be an array of at least %d booleans", key, c->n_layer);
     for (int l = 0; l < c->n_layer; l++)
         c->recurrent[l] = rec ? arr_int(rec, l) != 0 : (l + 1) % interval != 0;
@@ -805,7 +825,13 @@ typedef struct {
     size_t act_bytes;
     int n;
     float *y;                   /* [n][w->n_out] */
+    const float *x;             /* [n][w->n_in] the f32 activations, for the reference kernel */
 } MatmulJob;
+
+/* --ref-kernels: every product through the scalar reference (f32 activations,
+ * double accumulation).  Slow; it separates the error of a quantised file
+ * from the error of 8-bit activations when checking against a float reference. */
+static int g_ref_kernels;
 
 static void matmul_worker(void *ctx, int ith, int nth) {
     const MatmulJob *j = ctx;
@@ -815,8 +841,12 @@ static void matmul_worker(void *ctx, int ith, int nth) {
         int64_t i1 = i0 + MATMUL_TILE < hi ? i0 + MATMUL_TILE : hi;
         for (int r = 0; r < j->n; r += KN_MAX_ROWS) {
             int nr = j->n - r < KN_MAX_ROWS ? j->n - r : KN_MAX_ROWS;
-            kn_matmul(j->w->type, j->w->data, j->w->row_bytes, j->w->n_in, i0, i1, j->act + (size_t)r * j->act_bytes,
-                      j->act_bytes, nr, j->y + (int64_t)r * j->w->n_out, j->w->n_out);
+            if (g_ref_kernels)
+                kn_ref_matmul(j->w->type, j->w->data, j->w->row_bytes, j->w->n_in, i0, i1, j->x + (int64_t)r * j->w->n_in,
+                              j->w->n_in, nr, j->y + (int64_t)r * j->w->n_out, j->w->n_out);
+            else
+                kn_matmul(j->w->type, j->w->data, j->w->row_bytes, j->w->n_in, i0, i1, j->act + (size_t)r * j->act_bytes,
+                          j->act_bytes, nr, j->y + (int64_t)r * j->w->n_out, j->w->n_out);
         }
     }
 }
@@ -969,7 +999,7 @@ static void scratch_free(Scratch *s) {
 static void matmul(Engine *e, const Mat *w, const float *x, int n, float *y) {
     size_t ab = kn_act_row_bytes(w->type, w->n_in);
     for (int r = 0; r < n; r++) kn_act_prepare(w->type, x + (int64_t)r * w->n_in, w->n_in, e->s.act + r * ab);
-    MatmulJob job = {w, e->s.act, ab, n, y};
+    MatmulJob job = {w, e->s.act, ab, n, y, x};
     pool_run(&e->pool, matmul_worker, &job);
 }
 
@@ -2732,6 +2762,7 @@ static void usage(FILE *f) {
 "      --mtp-logits-out FILE  write the MTP head's teacher-forced float32 logits for the prompt\n"
 "                          [n_prompt-1 x n_vocab]: row i from position i's hidden state and token i+1\n"
 "      --ignore-eos        keep generating past end-of-text tokens\n"
+"      --ref-kernels       scalar reference kernels (f32 activations): slow, for checking accuracy\n"
 "  -q, --quiet             nothing on stderr but errors\n"
 "  -v, --verbose           per-step speculation details on stderr\n"
 "\n"
@@ -2827,6 +2858,7 @@ static void parse_args(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--mtp")) o->mtp = 1;
         else if (!strcmp(a, "--no-mtp")) o->mtp = 0;
         else if (!strcmp(a, "--mtp-optimistic")) o->spec.optimistic = 1;
+        else if (!strcmp(a, "--ref-kernels")) g_ref_kernels = 1;
         else if (!strcmp(a, "--stats-json")) o->stats_json = VALUE();
         else die("unknown option '%s' (see --help)", a);
 #undef FLAG
@@ -2888,7 +2920,7 @@ static void vocab_load(Vocab *v, const Gguf *g) {
     int n_vocab = (int)toks->v.arr.n;
     int32_t *type = NULL;
     if (types) {
-        if (types->type != GG_ARR || types->v.arr.type == GG_STR || types->v.arr.n != (uint64_t)n_vocab)
+        if (!arr_is_int(types) || types->v.arr.n != (uint64_t)n_vocab)
             die("tokenizer.ggml.token_type must be %d integers", n_vocab);
         type = xcalloc(n_vocab, sizeof *type);
         for (int i = 0; i < n_vocab; i++) type[i] = (int32_t)arr_int(types, i);
@@ -2896,9 +2928,13 @@ static void vocab_load(Vocab *v, const Gguf *g) {
     char pre_name[32] = "qwen2", err[256];
     if (pre && pre->type == GG_STR) snprintf(pre_name, sizeof pre_name, "%.*s", (int)(pre->v.str.n < 31 ? pre->v.str.n : 31), pre->v.str.s);
     TokStr *ts = tok_strs(toks), *ms = tok_strs(merges);
-    if (tok_init(&v->tok, ts, type, n_vocab, ms, (int)merges->v.arr.n, pre_name, err, sizeof err)) die("tokenizer: %s", err);
+    int rc = tok_init(&v->tok, ts, type, n_vocab, ms, (int)merges->v.arr.n, pre_name, err, sizeof err);
     free(ts);
     free(ms);
+    if (rc) {
+        free(type);   /* so the fuzz harness, whose die() returns, stays leak-free */
+        die("tokenizer: %s", err);
+    }
     const GgufKV *nfc = gguf_find(g, "tokenizer.ggml.normalizer.nfc");
     if (nfc && kv_is_int(nfc)) v->tok.nfc = nfc->v.u != 0;
     v->eog = xcalloc(n_vocab, 1);

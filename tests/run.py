@@ -142,12 +142,17 @@ def test_tokenizer():
 
 # Tolerances, all measured and explained in tests/README.md.
 BF16_MAX_ABS = 1e-2          # vs the recurrent-path reference (ref2), every position
-CHUNKED_MAX_ABS = 0.05       # vs ref/ (HF's chunked prefill, which itself differs from HF's recurrent path by 0.028)
+OLD_REF_MAX_ABS = 0.05       # vs ref/, whose RoPE frequencies were rounded to bf16 (0.028 apart from ref2)
+# Quantised files with the fast kernels: 8-bit activations add 0.1-3.5 logits
+# of noise at position 0, which these random, chaotic fixtures amplify along
+# the sequence (measured agreement 71-88%; llama.cpp diverges the same way).  The
+# --ref-kernels run checks the quantised weights themselves to BF16_MAX_ABS.
+FAST_QUANT_MIN_ARGMAX = 0.65
 
 
-def logits_of(model, quant, case, flag):
+def logits_of(model, quant, case, flag, extra=()):
     out = os.path.join(TMP, f"{model}.{quant}.{case}.{flag}.f32")
-    r = run(["-m", gguf(model, quant), "-f", prompt_file(model, case), "-n", "0", "-q", "--" + flag, out])
+    r = run(["-m", gguf(model, quant), "-f", prompt_file(model, case), "-n", "0", "-q", "--" + flag, out] + list(extra))
     return f32(out) if r.returncode == 0 else array.array("f"), r
 
 
@@ -157,30 +162,26 @@ def test_logits():
         for q in QUANTS:
             for case in ("short", "long"):
                 for flag, what, refname in (("logits-out", "logits", "logits"), ("mtp-logits-out", "MTP logits", "mtp_logits")):
+                    want = f32(os.path.join(FIX, m, "ref2", f"{q}.{case}.{refname}.f32"))
+                    label = f"{what}: {m} {q} {case}"
                     ours, r = logits_of(m, q, case, flag)
                     if r.returncode:
-                        check(f"{what}: {m} {q} {case}", False, r.stderr.decode()[-300:])
+                        check(label, False, r.stderr.decode()[-300:])
                         continue
-                    chunked = f32(os.path.join(FIX, m, "ref", f"{case}.{refname}.f32"))
-                    rec_path = os.path.join(FIX, m, "ref2", f"{q}.{case}.{refname}.f32")
+                    d, agree, n, row = compare(ours, want, V)
                     if q == "bf16":
-                        d, agree, n, row = compare(ours, chunked, V)
-                        check(f"{what}: {m} bf16 {case} vs HF (chunked prefill)", d <= CHUNKED_MAX_ABS and agree >= n - 1,
-                              f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
-                    if os.path.exists(rec_path):
-                        d, agree, n, row = compare(ours, f32(rec_path), V)
-                        bound = BF16_MAX_ABS if q == "bf16" else QUANT_MAX_ABS[q]
-                        need = n if q == "bf16" else int(n * QUANT_MIN_ARGMAX[q])
-                        check(f"{what}: {m} {q} {case} vs HF recurrent{'' if q == 'bf16' else ' on the dequantised weights'}",
-                              d <= bound and agree >= need, f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
-                    elif q != "bf16":
-                        d, agree, n, row = compare(ours, chunked, V)
-                        check(f"{what}: {m} {q} {case} vs HF bf16", agree >= int(n * QUANT_VS_BF16_ARGMAX[q]), f"argmax {agree}/{n}, max|diff| {d:.3f}")
-
-
-QUANT_MAX_ABS = {"q8_0": 1.0, "q4_k_m": 3.0}
-QUANT_MIN_ARGMAX = {"q8_0": 0.9, "q4_k_m": 0.85}
-QUANT_VS_BF16_ARGMAX = {"q8_0": 0.75, "q4_k_m": 0.2}
+                        check(f"{label} vs HF", d <= BF16_MAX_ABS and agree == n, f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
+                        d, agree, n, row = compare(ours, f32(os.path.join(FIX, m, "ref", f"{case}.{refname}.f32")), V)
+                        check(f"{label} vs HF with bf16-rounded RoPE (ref/)", d <= OLD_REF_MAX_ABS and agree >= n - 1, f"max|diff| {d:.4f}, argmax {agree}/{n}")
+                        continue
+                    check(f"{label} vs HF on the dequantised weights (8-bit activations)", agree >= FAST_QUANT_MIN_ARGMAX * n,
+                          f"argmax {agree}/{n}, max|diff| {d:.3f}")
+                    if QUICK and case == "long":
+                        continue
+                    ours, r = logits_of(m, q, case, flag, ["--ref-kernels"])
+                    d, agree, n, row = compare(ours, want, V)
+                    check(f"{label} --ref-kernels vs HF on the dequantised weights", r.returncode == 0 and d <= BF16_MAX_ABS and agree == n,
+                          f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
 
 
 def greedy_ids(model, quant, case, extra, n=24):
@@ -335,6 +336,24 @@ def test_errors():
         check(f"error: {name}", ok, f"exit {r.returncode}, stderr {err.strip()!r}")
 
 
+def test_suites():
+    """The other suites (converter, REPL, robustness): their counts add to ours."""
+    global passed, failed
+    for script in ("test_convert.py", "test_repl.py", "test_robust.py"):
+        path = os.path.join(ROOT, "tests", script)
+        if not os.path.exists(path):
+            continue
+        print(f"---- {script}", flush=True)
+        r = subprocess.run([sys.executable, path], capture_output=True, timeout=1800, cwd=ROOT)
+        out = r.stdout.decode(errors="replace")
+        print("\n".join(l for l in out.splitlines() if not l.endswith(" failed") or "passed," not in l), flush=True)
+        p, f = closing_counts(r.stdout)
+        if r.returncode and not f:
+            f = 1
+        passed += p
+        failed += f
+
+
 def main():
     if not os.path.exists(BIN):
         print(f"{BIN} is not built (run make)")
@@ -342,7 +361,7 @@ def main():
         return 1
     groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy]
     if not QUICK:
-        groups.append(test_mtp_identity)
+        groups += [test_mtp_identity, test_suites]
     for g in groups:
         if ONLY in g.__name__:
             g()
