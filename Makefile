@@ -34,6 +34,9 @@ mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS)
 mtp-convert$(SUFFIX): tools/convert.c
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tools/convert.c $(LDFLAGS) $(LDLIBS)
 
+bandwidth: tools/bandwidth.c
+	$(CC) -O2 $(WARN) -o $@ tools/bandwidth.c $(LDLIBS)
+
 test_kernels$(SUFFIX): tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
 
@@ -49,6 +52,6 @@ test: all
 	sh tests/all.sh
 
 clean:
-	rm -f mtp-gen mtp-gen-* mtp-convert mtp-convert-* test_kernels test_kernels-* test_units test_units-*
+	rm -f mtp-gen mtp-gen-* bandwidth mtp-convert mtp-convert-* test_kernels test_kernels-* test_units test_units-*
 
 .PHONY: all asan test clean
