@@ -1312,9 +1312,10 @@ static void embed(Engine *e, const int32_t *tokens, int n, float *out) {
         kn_dequant_row(te->type, (const uint8_t *)te->data + (int64_t)tokens[r] * te->row_bytes, out + (int64_t)r * te->n_in, te->n_in);
 }
 
-/* Logits for n rows of normed hidden state. */
-static void lm_head(Engine *e, const float *hidden, int n, float *logits) {
-    matmul(e, &e->model->w.output, hidden, n, logits);
+/* Logits over the first n_vocab tokens for n rows of normed hidden state. */
+static void lm_head(Engine *e, const float *hidden, int n, float *logits, int n_vocab) {
+    Mat head = mat_rows(&e->model->w.output, 0, n_vocab);
+    matmul(e, &head, hidden, n, logits);
 }
 
 /* Run n <= UBATCH tokens at positions n_past...  Leaves s.hidden[n][dim]
@@ -1332,9 +1333,9 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
         block(e, &m->w.layers[l], l, c->recurrent[l], st->k_cache[l], st->v_cache[l], n, pos0, spec);
     rmsnorm_rows(s->hidden, s->x, m->w.output_norm, n, c->dim, c->eps);
     if (logits == LOGITS_ALL)
-        lm_head(e, s->hidden, n, s->logits);
+        lm_head(e, s->hidden, n, s->logits, c->n_vocab);
     else if (logits == LOGITS_LAST)
-        lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits);
+        lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits, c->n_vocab);
     if (!spec) st->n_past += n;
 }
 
@@ -1346,11 +1347,17 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
  * position.  Chained drafts feed the head its own normed output as h.
  * Teacher-forced rows for every accepted position keep its cache in step
  * with the main model's; rows written by chained drafts are overwritten by
- * the next call, since every call truncates the cache to its first position. */
+ * the next call, since every call truncates the cache to its first position.
+ *
+ * Drafts may score only the first n_vocab tokens (--draft-vocab): BPE ids
+ * follow merge order, so the first tens of thousands cover most of the text,
+ * and the LM head of a 248k vocabulary is otherwise most of a draft's cost.
+ * A token outside the subset is simply never drafted; verification keeps the
+ * output exact either way. */
 
 /* Rows i < n: hidden h[i] and token toks[i] at position pos0+i.  Leaves the
- * head's normed output in s.hidden and logits as asked in s.logits. */
-static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, int pos0, int logits) {
+ * head's normed output in s.hidden and logits over n_vocab tokens as asked in s.logits. */
+static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, int pos0, int logits, int n_vocab) {
     const Model *m = e->model;
     const Config *c = &m->cfg;
     const MtpHead *head = &m->w.mtp;
@@ -1366,9 +1373,9 @@ static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, i
     block(e, &head->block, -1, 0, e->st.mtp_k, e->st.mtp_v, n, pos0, 0);
     rmsnorm_rows(s->hidden, s->x, head->head_norm, n, D, c->eps);
     if (logits == LOGITS_ALL)
-        lm_head(e, s->hidden, n, s->logits);
+        lm_head(e, s->hidden, n, s->logits, n_vocab);
     else if (logits == LOGITS_LAST)
-        lm_head(e, s->hidden + (int64_t)(n - 1) * D, 1, s->logits);
+        lm_head(e, s->hidden + (int64_t)(n - 1) * D, 1, s->logits, n_vocab);
 }
 
 /* ==== Sampler ====
@@ -1443,17 +1450,18 @@ static int argmax(const float *v, int n) {
 
 /* Penalise tokens that appeared in the last rep_last_n of hist (llama.cpp's rule:
  * positive logits are divided, negative ones multiplied). */
-static void apply_penalty(Sampler *s, float *lg, const int32_t *hist, int n_hist) {
+static void apply_penalty(Sampler *s, float *lg, int V, const int32_t *hist, int n_hist) {
     const SamplerCfg *c = &s->cfg;
     if (c->rep_penalty == 1.0f || c->rep_last_n == 0) return;
     int from = c->rep_last_n > 0 && n_hist > c->rep_last_n ? n_hist - c->rep_last_n : 0;
     for (int i = from; i < n_hist; i++) {
         int32_t t = hist[i];
-        if (s->seen[t]) continue;
+        if (t >= V || s->seen[t]) continue;
         s->seen[t] = 1;
         lg[t] = lg[t] > 0 ? lg[t] / c->rep_penalty : lg[t] * c->rep_penalty;
     }
-    for (int i = from; i < n_hist; i++) s->seen[hist[i]] = 0;
+    for (int i = from; i < n_hist; i++)
+        if (hist[i] < V) s->seen[hist[i]] = 0;
 }
 
 /* Min-heap of candidate ids keyed by logit: keeps the k largest. */
@@ -1477,13 +1485,13 @@ static int cmp_prob_desc(const void *a, const void *b) {
     return *(const int32_t *)a - *(const int32_t *)b;
 }
 
-/* Logits (not modified) -> distribution d, with hist[0..n_hist) the sequence so far. */
-static void sampler_dist(Sampler *s, const float *logits, const int32_t *hist, int n_hist, Dist *d) {
+/* Logits of the first V tokens (not modified) -> distribution d, with
+ * hist[0..n_hist) the sequence so far. */
+static void sampler_dist(Sampler *s, const float *logits, int V, const int32_t *hist, int n_hist, Dist *d) {
     const SamplerCfg *c = &s->cfg;
-    int V = s->n_vocab;
     float *lg = s->work;
     memcpy(lg, logits, (size_t)V * sizeof *lg);
-    apply_penalty(s, lg, hist, n_hist);
+    apply_penalty(s, lg, V, hist, n_hist);
     if (c->temp <= 0) {
         d->n = 1;
         d->ids[0] = argmax(lg, V);
@@ -2443,6 +2451,7 @@ typedef struct {
     int n_draft;                /* drafts per step; the cap when adaptive */
     int adaptive;               /* choose k per step from measured acceptance and costs */
     float p_min;                /* stop drafting below this draft probability */
+    int draft_vocab;            /* drafts score the first draft_vocab tokens */
     int optimistic;             /* keep every draft unverified (lossy) */
 } SpecCfg;
 
@@ -2524,7 +2533,8 @@ static void mtp_catch_up(Gen *g, int want_logits) {
         int n = g->n_pend - done < UBATCH ? g->n_pend - done : UBATCH;
         int last = done + n == g->n_pend;
         int logits = g->mtp_logits_out ? LOGITS_ALL : last && want_logits ? LOGITS_LAST : LOGITS_NONE;
-        mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, logits);
+        mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, logits,
+                    g->mtp_logits_out ? V : g->spec.draft_vocab);
         if (g->mtp_logits_out) {
             if (fwrite(e->s.logits, sizeof(float) * V, n, g->mtp_logits_out) != (size_t)n) die("cannot write MTP logits: %s", strerror(errno));
             memmove(e->s.logits, e->s.logits + (int64_t)(n - 1) * V, V * sizeof(float));
@@ -2570,14 +2580,13 @@ static float top_prob(const float *lg, int n) {
  * returns how many. */
 static int draft(Gen *g, int k) {
     Engine *e = g->e;
-    const Config *c = &e->model->cfg;
     int32_t *drafts = g->toks + g->n_toks;
     mtp_catch_up(g, 1);
     int n = 0;
     for (; n < k; n++) {
-        if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST);
-        if (g->spec.p_min > 0 && top_prob(e->s.logits, c->n_vocab) < g->spec.p_min) break;
-        sampler_dist(g->smp, e->s.logits, g->toks, g->n_toks + n, &g->q[n]);
+        if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
+        if (g->spec.p_min > 0 && top_prob(e->s.logits, g->spec.draft_vocab) < g->spec.p_min) break;
+        sampler_dist(g->smp, e->s.logits, g->spec.draft_vocab, g->toks, g->n_toks + n, &g->q[n]);
         drafts[n] = dist_sample(&g->q[n], &g->smp->cfg.rng);
     }
     return n;
@@ -2640,7 +2649,7 @@ static int verify(Gen *g, int n_draft, int32_t *out) {
     g->st.verify_ms += elapsed_since(t0);
     int n_acc = 0;
     for (;; n_acc++) {
-        sampler_dist(g->smp, e->s.logits + (int64_t)n_acc * c->n_vocab, g->toks, g->n_toks + n_acc, &g->p);
+        sampler_dist(g->smp, e->s.logits + (int64_t)n_acc * c->n_vocab, c->n_vocab, g->toks, g->n_toks + n_acc, &g->p);
         if (n_acc == n_draft) {
             out[n_acc] = dist_sample(&g->p, &g->smp->cfg.rng);
             break;
@@ -2715,7 +2724,7 @@ static void generate(Gen *g, const int32_t *prompt, int n_prompt, int budget, FI
     if (budget <= 0) return;
     t0 = now_ms();
     int done = 0;
-    sampler_dist(g->smp, e->s.logits, g->toks, g->n_toks, &g->p);
+    sampler_dist(g->smp, e->s.logits, e->model->cfg.n_vocab, g->toks, g->n_toks, &g->p);
     int32_t first = dist_sample(&g->p, &g->smp->cfg.rng);
     emit_tokens(g, &first, 1, budget, emit, ud, &done);
     g->st.first_token_ms = elapsed_since(t0);
@@ -2779,6 +2788,8 @@ static void usage(FILE *f) {
 "      --draft N           tokens drafted per step (default 2; 0 = off)\n"
 "      --draft-max N       adaptive: choose 0..N drafts per step from measured acceptance and cost\n"
 "      --draft-p-min P     stop drafting when the head's probability falls below P (default 0)\n"
+"      --draft-vocab N     drafts score only the first N token ids (default 32768 for vocabularies\n"
+"                          over 65536, else all; 0 = all): the LM head is most of a draft's cost\n"
 "      --mtp               ask for speculation (warns if the model has no MTP head)\n"
 "      --no-mtp            plain decoding\n"
 "      --mtp-optimistic    keep drafts without verifying them: faster, but the output is NOT\n"
@@ -2825,7 +2836,7 @@ static void parse_args(int argc, char **argv, Options *o) {
     o->mtp = -1;
     o->seed = -1;
     o->sampling = (SamplerCfg){.temp = 0.8f, .top_p = 0.95f, .min_p = 0.05f, .rep_penalty = 1.0f, .top_k = 40, .rep_last_n = 64};
-    o->spec = (SpecCfg){.n_draft = 2};
+    o->spec = (SpecCfg){.n_draft = 2, .draft_vocab = -1};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
 #define FLAG(s, l) (!strcmp(a, s) || !strcmp(a, l))
@@ -2855,6 +2866,7 @@ static void parse_args(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--draft")) o->spec.n_draft = (int)parse_int(a, VALUE(), 0, MAX_DRAFT), o->spec.adaptive = 0;
         else if (!strcmp(a, "--draft-max")) o->spec.n_draft = (int)parse_int(a, VALUE(), 1, MAX_DRAFT), o->spec.adaptive = 1;
         else if (!strcmp(a, "--draft-p-min")) o->spec.p_min = parse_float(a, VALUE(), 0, 1);
+        else if (!strcmp(a, "--draft-vocab")) o->spec.draft_vocab = (int)parse_int(a, VALUE(), 0, INT32_MAX);
         else if (!strcmp(a, "--mtp")) o->mtp = 1;
         else if (!strcmp(a, "--no-mtp")) o->mtp = 0;
         else if (!strcmp(a, "--mtp-optimistic")) o->spec.optimistic = 1;
@@ -3133,6 +3145,8 @@ int main(int argc, char **argv) {
         n_threads = n_cpu;
     }
     int use_mtp = o.mtp != 0 && c->n_mtp > 0;
+    if (o.spec.draft_vocab < 0) o.spec.draft_vocab = c->n_vocab > 65536 ? 32768 : 0;
+    if (o.spec.draft_vocab == 0 || o.spec.draft_vocab > c->n_vocab) o.spec.draft_vocab = c->n_vocab;
     if (o.mtp == 1 && !c->n_mtp) fprintf(stderr, "mtp-gen: warning: --mtp asked, but this model has no MTP head: decoding without speculation\n");
 
     Engine e = {.model = &model};
