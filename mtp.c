@@ -812,20 +812,25 @@ static void pool_share(int64_t n, int ith, int nth, int64_t align, int64_t *lo, 
 
 /* ==== Matrix products ====
  * y[r] = W x[r] for a batch of activation rows.  Activations are prepared
- * once (quantised to the kernel's 8-bit blocks), then each thread takes a
- * slice of output rows and, for each small tile of weight rows, runs every
- * group of KN_MAX_ROWS activation rows: the tile stays in cache, so a batch
- * of tokens reads the weights from memory once. */
+ * once per input (quantised to the kernel's 8-bit blocks), then each thread
+ * takes a slice of output rows and, for each small tile of weight rows, runs
+ * every group of KN_MAX_ROWS activation rows: the tile stays in cache, so a
+ * batch of tokens reads the weights from memory once.  Products that share
+ * an input (q/k/v, gate/up, the DeltaNet projections) go out as one job, so
+ * a step waits on the pool half as often. */
 
 #define MATMUL_TILE 16
+#define MAX_PRODUCTS 4
+
+typedef struct { const Mat *w; float *y; /* [n][w->n_out] */ } Product;
 
 typedef struct {
-    const Mat *w;
-    const uint8_t *act;         /* [n][act_bytes] prepared activations */
-    size_t act_bytes;
-    int n;
-    float *y;                   /* [n][w->n_out] */
-    const float *x;             /* [n][w->n_in] the f32 activations, for the reference kernel */
+    Product prod[MAX_PRODUCTS];
+    const uint8_t *act[MAX_PRODUCTS]; /* [n][act_bytes] prepared input of each product */
+    size_t act_bytes[MAX_PRODUCTS];
+    int64_t first_tile[MAX_PRODUCTS + 1]; /* product i owns tiles [first_tile[i], first_tile[i+1]) */
+    int count, n;
+    const float *x;             /* [n][n_in] the f32 input, for the reference kernel */
 } MatmulJob;
 
 /* --ref-kernels: every product through the scalar reference (f32 activations,
@@ -833,20 +838,30 @@ typedef struct {
  * from the error of 8-bit activations when checking against a float reference. */
 static int g_ref_kernels;
 
+static void matmul_tile(const MatmulJob *j, int p, int64_t i0, int64_t i1) {
+    const Mat *w = j->prod[p].w;
+    float *y = j->prod[p].y;
+    for (int r = 0; r < j->n; r += KN_MAX_ROWS) {
+        int nr = j->n - r < KN_MAX_ROWS ? j->n - r : KN_MAX_ROWS;
+        if (g_ref_kernels)
+            kn_ref_matmul(w->type, w->data, w->row_bytes, w->n_in, i0, i1, j->x + (int64_t)r * w->n_in, w->n_in, nr,
+                          y + (int64_t)r * w->n_out, w->n_out);
+        else
+            kn_matmul(w->type, w->data, w->row_bytes, w->n_in, i0, i1, j->act[p] + (size_t)r * j->act_bytes[p],
+                      j->act_bytes[p], nr, y + (int64_t)r * w->n_out, w->n_out);
+    }
+}
+
 static void matmul_worker(void *ctx, int ith, int nth) {
     const MatmulJob *j = ctx;
     int64_t lo, hi;
-    pool_share(j->w->n_out, ith, nth, MATMUL_TILE, &lo, &hi);
-    for (int64_t i0 = lo; i0 < hi; i0 += MATMUL_TILE) {
-        int64_t i1 = i0 + MATMUL_TILE < hi ? i0 + MATMUL_TILE : hi;
-        for (int r = 0; r < j->n; r += KN_MAX_ROWS) {
-            int nr = j->n - r < KN_MAX_ROWS ? j->n - r : KN_MAX_ROWS;
-            if (g_ref_kernels)
-                kn_ref_matmul(j->w->type, j->w->data, j->w->row_bytes, j->w->n_in, i0, i1, j->x + (int64_t)r * j->w->n_in,
-                              j->w->n_in, nr, j->y + (int64_t)r * j->w->n_out, j->w->n_out);
-            else
-                kn_matmul(j->w->type, j->w->data, j->w->row_bytes, j->w->n_in, i0, i1, j->act + (size_t)r * j->act_bytes,
-                          j->act_bytes, nr, j->y + (int64_t)r * j->w->n_out, j->w->n_out);
+    pool_share(j->first_tile[j->count], ith, nth, 1, &lo, &hi);
+    for (int p = 0; p < j->count; p++) {
+        int64_t t0 = lo > j->first_tile[p] ? lo : j->first_tile[p], t1 = hi < j->first_tile[p + 1] ? hi : j->first_tile[p + 1];
+        int64_t n_out = j->prod[p].w->n_out;
+        for (int64_t t = t0; t < t1; t++) {
+            int64_t i0 = (t - j->first_tile[p]) * MATMUL_TILE, i1 = i0 + MATMUL_TILE < n_out ? i0 + MATMUL_TILE : n_out;
+            matmul_tile(j, p, i0, i1);
         }
     }
 }
@@ -984,7 +999,7 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
     s->hidden = xcalloc(B * c->dim, sizeof(float));
     s->logits = xcalloc(B * c->n_vocab, sizeof(float));
     s->mtp_in = xcalloc(B * 2 * c->dim, sizeof(float));
-    s->act = xcalloc(B, kn_act_row_bytes(KN_F32, (int64_t)max_in) + 64);
+    s->act = xcalloc(B * MAX_PRODUCTS, kn_act_row_bytes(KN_F32, (int64_t)max_in) + 64);
 }
 
 static void scratch_free(Scratch *s) {
@@ -995,12 +1010,32 @@ static void scratch_free(Scratch *s) {
     free(s->act);
 }
 
+/* y_i[n][w_i->n_out] = W_i x[n][n_in] for count products of the same input.
+ * The input is prepared once per weight format the products use. */
+static void matmul_set(Engine *e, const float *x, int n, const Product *prod, int count) {
+    MatmulJob job = {.count = count, .n = n, .x = x};
+    const uint8_t *next = e->s.act;
+    for (int p = 0; p < count; p++) {
+        const Mat *w = prod[p].w;
+        job.prod[p] = prod[p];
+        job.act_bytes[p] = kn_act_row_bytes(w->type, w->n_in);
+        job.first_tile[p + 1] = job.first_tile[p] + (w->n_out + MATMUL_TILE - 1) / MATMUL_TILE;
+        int q = 0;
+        while (q < p && prod[q].w->type != w->type) q++;
+        if (q < p) {    /* same weight format as an earlier product: share its preparation */
+            job.act[p] = job.act[q];
+            continue;
+        }
+        job.act[p] = next;
+        for (int r = 0; r < n; r++) kn_act_prepare(w->type, x + (int64_t)r * w->n_in, w->n_in, (uint8_t *)next + r * job.act_bytes[p]);
+        next += (size_t)n * job.act_bytes[p];
+    }
+    pool_run(&e->pool, matmul_worker, &job);
+}
+
 /* y[n][w->n_out] = W x[n][w->n_in] */
 static void matmul(Engine *e, const Mat *w, const float *x, int n, float *y) {
-    size_t ab = kn_act_row_bytes(w->type, w->n_in);
-    for (int r = 0; r < n; r++) kn_act_prepare(w->type, x + (int64_t)r * w->n_in, w->n_in, e->s.act + r * ab);
-    MatmulJob job = {w, e->s.act, ab, n, y, x};
-    pool_run(&e->pool, matmul_worker, &job);
+    matmul_set(e, x, n, &(Product){w, y}, 1);
 }
 
 static void rmsnorm_rows(float *out, const float *x, const float *w, int n, int dim, float eps) {
@@ -1070,9 +1105,7 @@ static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache,
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
     int hd = c->head_dim, q_dim = c->n_head * hd, kv_dim = c->n_kv_head * hd;
-    matmul(e, &L->wq, s->xn, n, s->proj);
-    matmul(e, &L->wk, s->xn, n, s->k);
-    matmul(e, &L->wv, s->xn, n, s->v);
+    matmul_set(e, s->xn, n, (Product[]){{&L->wq, s->proj}, {&L->wk, s->k}, {&L->wv, s->v}}, 3);
     for (int r = 0; r < n; r++) {
         for (int h = 0; h < c->n_head; h++) {
             float *q = s->proj + (int64_t)r * 2 * q_dim + (int64_t)h * 2 * hd;
@@ -1182,13 +1215,10 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
     int nv = c->n_v_heads, dk = c->k_head_dim, dv = c->v_head_dim;
-    matmul(e, &L->qkv, s->xn, n, s->proj);
-    matmul(e, &L->z, s->xn, n, s->gate);
     if (c->arch == ARCH_QWEN3NEXT) {
-        matmul(e, &L->ba, s->xn, n, s->ab);
+        matmul_set(e, s->xn, n, (Product[]){{&L->qkv, s->proj}, {&L->z, s->gate}, {&L->ba, s->ab}}, 3);
     } else {    /* alpha then beta into one [n][2*nv] block */
-        matmul(e, &L->alpha, s->xn, n, s->out);
-        matmul(e, &L->beta, s->xn, n, s->out + (int64_t)n * nv);
+        matmul_set(e, s->xn, n, (Product[]){{&L->qkv, s->proj}, {&L->z, s->gate}, {&L->alpha, s->out}, {&L->beta, s->out + (int64_t)n * nv}}, 4);
         for (int r = 0; r < n; r++) {
             memcpy(s->ab + (int64_t)r * 2 * nv, s->out + (int64_t)r * nv, nv * sizeof(float));
             memcpy(s->ab + (int64_t)r * 2 * nv + nv, s->out + (int64_t)n * nv + (int64_t)r * nv, nv * sizeof(float));
@@ -1222,8 +1252,7 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
 /* out[n][dim] = down(silu(gate xn) * up xn) */
 static void swiglu_ffn(Engine *e, const Mat *gate, const Mat *up, const Mat *down, const float *xin, int n, float *out) {
     Scratch *s = &e->s;
-    matmul(e, gate, xin, n, s->ffn_a);
-    matmul(e, up, xin, n, s->ffn_b);
+    matmul_set(e, xin, n, (Product[]){{gate, s->ffn_a}, {up, s->ffn_b}}, 2);
     kn_swiglu(s->ffn_a, s->ffn_a, s->ffn_b, (int64_t)n * gate->n_out);
     matmul(e, down, s->ffn_a, n, out);
 }
