@@ -187,6 +187,42 @@ def test_logits():
                           f"max|diff| {d:.4f} (row {row}), argmax {agree}/{n}")
 
 
+def test_converted():
+    """mtp-convert's own GGUFs of the HF checkpoints run like llama.cpp's."""
+    conv = os.path.join(ROOT, "mtp-convert" + os.path.basename(BIN)[len("mtp-gen"):])
+    for m in MODELS:
+        V = ref(m)["vocab_size"]
+        for q in QUANTS:
+            out = os.path.join(TMP, f"conv-{m}-{q}.gguf")
+            r = subprocess.run(RUNNER + [conv, "-q", "--type", q, os.path.join(FIX, m, "hf"), out], capture_output=True, timeout=600)
+            if r.returncode:
+                check(f"convert: {m} {q}", False, r.stderr.decode()[-300:])
+                continue
+            for case in ("short", "long"):
+                for flag, what, refname in (("logits-out", "logits", "logits"), ("mtp-logits-out", "MTP logits", "mtp_logits")):
+                    path = os.path.join(TMP, "conv.f32")
+                    args = ["-m", out, "-f", prompt_file(m, case), "-n", "0", "-q", "--" + flag, path]
+                    if q == "q8_0":
+                        args.append("--ref-kernels")
+                    r = run(args)
+                    ours = f32(path) if r.returncode == 0 else array.array("f")
+                    want = f32(os.path.join(FIX, m, "ref2", f"{'bf16' if q == 'q4_k_m' else q}.{case}.{refname}.f32"))
+                    if q == "q4_k_m":   # our own 4-bit rounding: as close to the bf16 model as llama-quantize's file
+                        theirs, _ = logits_of(m, q, case, flag)
+                        agree, n = compare(ours, want, V)[1:3]
+                        bar = compare(theirs, want, V)[1] - 0.1 * n
+                        check(f"convert: {m} q4_k_m {case} {what} vs HF bf16 at least as close as llama-quantize's file",
+                              agree >= bar, f"argmax {agree}/{n}, llama-quantize's file {bar + 0.1 * n:.0f}/{n}")
+                        continue
+                    d, agree, n, row = compare(ours, want, V)
+                    bound = BF16_MAX_ABS if q == "bf16" else REF_KERNELS_MAX_ABS
+                    check(f"convert: {m} {q} {case} {what} vs HF", d <= bound and agree == n, f"max|diff| {d:.4f}, argmax {agree}/{n}")
+            if q == "bf16":
+                r = run(["-m", out, "-f", prompt_file(m, "short"), "-n", "24", "--temp", "0", "--ids", "-q", "--no-display-prompt", "--ignore-eos"])
+                got = [int(x) for x in r.stdout.split()] if r.returncode == 0 else None
+                check(f"convert: {m} bf16 greedy equals HF generate", got == ref(m)["cases"]["short"]["greedy_ids"])
+
+
 def greedy_ids(model, quant, case, extra, n=24):
     r = run(["-m", gguf(model, quant), "-f", prompt_file(model, case), "-n", str(n), "--temp", "0", "--ids", "-q",
              "--ignore-eos", "--no-display-prompt"] + extra)
@@ -362,7 +398,7 @@ def main():
         print(f"{BIN} is not built (run make)")
         print("0 passed, 1 failed")
         return 1
-    groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy]
+    groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy, test_converted]
     if not QUICK:
         groups += [test_mtp_identity, test_suites]
     for g in groups:
