@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -36,9 +37,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -354,6 +357,16 @@ static Str *arr_strings(const GgufKV *kv) {
 }
 
 typedef struct { const uint8_t *base; size_t size; } Mapping;
+
+/* The built-in default model (issue 8): a small Qwen3.5 with MTP head trained by
+ * tools/train/train_mtp.py, embedded by tools/train/model.S and used when no -m is
+ * given.  Weak, so builds without it (test_units, no GGUF yet) link; then size is 0. */
+extern const uint8_t mtp_default_model[] __attribute__((weak));
+extern const uint64_t mtp_default_model_size __attribute__((weak));
+#define BUILTIN_MODEL "<built-in>"
+static size_t builtin_model_size(void) {
+    return &mtp_default_model_size ? (size_t)mtp_default_model_size : 0;
+}
 
 /* mmap the file read-only; the model's weights are used in place. */
 static Mapping map_file(const char *path) {
@@ -695,7 +708,11 @@ static void load_weights(Model *m) {
 static void model_open(Model *m, const char *path) {
     char err[256];
     memset(m, 0, sizeof *m);
-    m->file = map_file(path);
+    if (!strcmp(path, BUILTIN_MODEL) && builtin_model_size()) {
+        m->file.base = mtp_default_model;         /* embedded by tools/train/model.S, used in place */
+        m->file.size = builtin_model_size();
+    } else
+        m->file = map_file(path);
     if (gguf_parse(&m->gguf, m->file.base, m->file.size, err, sizeof err)) die("%s: %s", path, err);
 }
 
@@ -703,7 +720,7 @@ static void model_free(Model *m) {
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     gguf_free(&m->gguf);
-    munmap((void *)m->file.base, m->file.size);
+    if (m->file.base != mtp_default_model) munmap((void *)m->file.base, m->file.size);
 }
 
 /* ==== Thread pool ====
@@ -2513,6 +2530,7 @@ typedef struct {
     int probe;                  /* steps since drafting was last tried (adaptive) */
     const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
     int ignore_eos;
+    int verbose;                /* one stderr line per speculative step */
     volatile sig_atomic_t *stop;
     FILE *mtp_logits_out;       /* when set: teacher-forced MTP logits of the prompt positions */
     Stats st;
@@ -2706,6 +2724,11 @@ static void advance(Gen *g, int n_draft, int budget, EmitFn emit, void *ud, int 
     const Config *c = &e->model->cfg;
     int32_t out[MAX_DRAFT + 1];
     int n_acc = verify(g, n_draft, out);
+    if (g->verbose && n_draft) {
+        fprintf(stderr, "[mtp] pos %d drafted", e->st.n_past);
+        for (int i = 0; i < n_draft; i++) fprintf(stderr, " %d", g->toks[g->n_toks + i]);
+        fprintf(stderr, " | accepted %d | next %d\n", n_acc, out[n_acc]);
+    }
     int n_out = emit_tokens(g, out, n_acc + 1, budget, emit, ud, done);
     double t0 = now_ms();
     if (n_draft) state_commit(&e->st, n_out);
@@ -2774,6 +2797,8 @@ typedef struct {
     int n_predict, n_ctx, n_threads;
     int display_prompt, quiet, verbose, tokenize_only, print_ids, ignore_eos;
     int mtp;                    /* -1 auto (on when the model has a head), 0 off, 1 asked for */
+    int interactive, chat, think, hide_think, ctx_shift;
+    const char *system;
     SamplerCfg sampling;
     long long seed;
     SpecCfg spec;
@@ -2787,10 +2812,12 @@ static void usage(FILE *f) {
 "with the model's own MTP head and verifying them in one batched pass.\n"
 "\n"
 "input and output:\n"
-"  -m, --model FILE        GGUF model file (qwen35, qwen35moe, qwen3next)\n"
+"  -m, --model FILE        GGUF model file (qwen35, qwen35moe, qwen3next); default: the\n"
+"                          built-in model (a small Qwen3.5 + MTP trained on Python code, tools/train/)\n"
 "  -p, --prompt TEXT       prompt; '-' reads it from stdin (default when stdin is not a terminal)\n"
 "  -f, --file FILE         read the prompt from FILE\n"
-"  -n, --n-predict N       tokens to generate (default 128; -1 = until end of text or context)\n"
+"  -n, --n-predict N       tokens to generate (default 128, in chat until the reply ends;\n"
+"                          -1 = until end of text or context)\n"
 "  -c, --ctx-size N        context size in tokens (default min(4096, the model's))\n"
 "  -t, --threads N         threads (default: physical cores)\n"
 "      --no-display-prompt do not echo the prompt before the generated text\n"
@@ -2824,6 +2851,16 @@ static void usage(FILE *f) {
 "      --mtp-optimistic    keep drafts without verifying them: faster, but the output is NOT\n"
 "                          the model's own (lossy); for experiments only\n"
 "      --stats-json FILE   write timing and acceptance statistics as JSON\n"
+"\n"
+"chat (ChatML, the template of every Qwen3.5 / Qwen3.6 / Qwen3-Next model):\n"
+"  -i, --interactive       chat in the terminal; the default when stdin and stdout are terminals\n"
+"                          and no prompt is given.  -p / -f then give the first message\n"
+"      --chat              apply the chat template to the -p / -f prompt too (prints only the reply)\n"
+"      --system TEXT       system prompt\n"
+"      --think, --no-think replies think first (default), or get an empty think block\n"
+"      --hide-think        do not show the thinking (on a terminal it is shown faint)\n"
+"      --ctx-shift         when the context fills, drop the oldest turns and read the rest again\n"
+"                          (default: say so and stop the reply; /reset starts over)\n"
 "  -h, --help              this text\n", f);
 }
 
@@ -2860,8 +2897,9 @@ static int physical_cores(void) {
 
 static void parse_args(int argc, char **argv, Options *o) {
     memset(o, 0, sizeof *o);
-    o->n_predict = 128;
+    o->n_predict = -2;          /* unset: resolved once we know whether this is a chat */
     o->display_prompt = 1;
+    o->think = 1;
     o->mtp = -1;
     o->seed = -1;
     o->sampling = (SamplerCfg){.temp = 0.8f, .top_p = 0.95f, .min_p = 0.05f, .rep_penalty = 1.0f, .top_k = 40, .rep_last_n = 64};
@@ -2901,13 +2939,27 @@ static void parse_args(int argc, char **argv, Options *o) {
         else if (!strcmp(a, "--mtp-optimistic")) o->spec.optimistic = 1;
         else if (!strcmp(a, "--ref-kernels")) g_ref_kernels = 1;
         else if (!strcmp(a, "--stats-json")) o->stats_json = VALUE();
+        else if (FLAG("-i", "--interactive")) o->interactive = 1;
+        else if (!strcmp(a, "--chat")) o->chat = 1;
+        else if (!strcmp(a, "--system")) o->system = VALUE();
+        else if (!strcmp(a, "--think")) o->think = 1;
+        else if (!strcmp(a, "--no-think")) o->think = 0;
+        else if (!strcmp(a, "--hide-think")) o->hide_think = 1;
+        else if (!strcmp(a, "--ctx-shift")) o->ctx_shift = 1;
         else die("unknown option '%s' (see --help)", a);
 #undef FLAG
 #undef VALUE
     }
-    if (!o->model) die("no model given (use -m MODEL.gguf; see --help)");
+    if (!o->model && !builtin_model_size()) die("no model given (use -m MODEL.gguf; see --help)");
+    if (!o->model) o->model = BUILTIN_MODEL;
     if (o->prompt && o->prompt_file) die("give the prompt with -p or -f, not both");
     if (o->spec.n_draft == 0) o->mtp = 0;
+    if (!o->prompt && !o->prompt_file && !o->tokenize_only && isatty(0) && isatty(1)) o->interactive = 1;
+    if (o->interactive && (o->logits_out || o->mtp_logits_out || o->print_ids || o->tokenize_only))
+        die("chat (-i) does not combine with --logits-out, --mtp-logits-out, --ids or --tokenize");
+    if (o->interactive && o->n_predict == 0) die("-n 0 leaves no room for replies in chat");
+    if (o->n_predict == -2) o->n_predict = o->interactive ? -1 : 128;
+    if (o->chat) o->display_prompt = 0;
 }
 
 /* The whole of a file (or stdin for "-"), NUL-terminated. */
@@ -3009,8 +3061,20 @@ typedef struct {
     char *buf;                  /* [3 * (max_piece + 3)]: enough for any token tok_stream emits */
 } Printer;
 
+/* The reader of stdout went away (EPIPE, as SIGPIPE is ignored): end quietly, as the signal
+ * would have.  Any other write error is reported. */
+static void out_failed(void) {
+    if (errno != EPIPE) die("cannot write the output: %s", strerror(errno));
+    exit(0);
+}
+
 static void out_write(const char *s, size_t n) {
-    if (n && fwrite(s, 1, n, stdout) != n) exit(errno == EPIPE ? 0 : 1);
+    if (n && fwrite(s, 1, n, stdout) != n) out_failed();
+}
+
+/* stdout is buffered, so a failed write may show only here. */
+static void out_flush(void) {
+    if (fflush(stdout)) out_failed();
 }
 
 static void printer_init(Printer *p, const Vocab *v, int print_ids) {
@@ -3027,7 +3091,7 @@ static int print_token(void *ud, int32_t t) {
         out_write(p->buf, (size_t)snprintf(p->buf, (size_t)cap + 32, "%s%d", p->n_printed++ ? " " : "", t));
     else if (!p->vocab->hidden[t])
         out_write(p->buf, (size_t)tok_stream(&p->vocab->tok, &p->stream, t, p->buf, cap));
-    fflush(stdout);
+    out_flush();
     return 0;
 }
 
@@ -3036,7 +3100,7 @@ static void printer_finish(Printer *p) {
         out_write("\n", 1);
     else
         out_write(p->buf, (size_t)tok_stream_flush(&p->stream, p->buf, 3 * (p->vocab->tok.max_piece + 3)));
-    fflush(stdout);
+    out_flush();
     free(p->buf);
 }
 
@@ -3106,6 +3170,1028 @@ static void write_stats_json(const char *path, const Gen *g, const Model *m) {
     if (fclose(f)) die("cannot write stats to '%s': %s", path, strerror(errno));
 }
 
+/* ==== REPL ====
+ * Interactive chat on top of generate(): every turn appends its tokens to the
+ * sequence, and the caches already hold everything before it, so a turn
+ * costs only its own tokens.  The MTP head stays in step even while drafting
+ * is switched off, so /mtp on works at any point of a conversation.  The
+ * template is ChatML, recognised rather than interpreted: every Qwen family
+ * speaks it, and a Jinja engine would be a project of its own. */
+
+/* ---- growable text ---- */
+
+typedef struct { char *s; size_t n, cap; } Buf;   /* s is NUL-terminated once anything was put */
+
+static void buf_insert(Buf *b, size_t at, const char *s, size_t n) {
+    if (b->n + n + 1 > b->cap) {
+        b->cap = 2 * (b->n + n + 1);
+        b->s = realloc(b->s, b->cap);
+        if (!b->s) die("out of memory");
+    }
+    memmove(b->s + at + n, b->s + at, b->n - at);
+    memcpy(b->s + at, s, n);
+    b->n += n;
+    b->s[b->n] = 0;
+}
+
+static void buf_put(Buf *b, const char *s, size_t n) { buf_insert(b, b->n, s, n); }
+static void buf_puts(Buf *b, const char *s) { buf_put(b, s, strlen(s)); }
+
+static void buf_printf(Buf *b, const char *fmt, ...) {
+    char tmp[64];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    buf_put(b, tmp, n < (int)sizeof tmp ? (size_t)n : sizeof tmp - 1);
+}
+
+static void buf_erase(Buf *b, size_t from, size_t to) {
+    if (from == to) return;     /* also keeps an empty, never-allocated buffer untouched */
+    memmove(b->s + from, b->s + to, b->n - to + 1);
+    b->n -= to - from;
+}
+
+static void buf_clear(Buf *b) {
+    b->n = 0;
+    if (b->s) b->s[0] = 0;
+}
+
+static char *xstrdup(const char *s) {
+    size_t n = strlen(s) + 1;
+    return memcpy(xmalloc(n), s, n);
+}
+
+/* ---- chat template ----
+ * <|im_start|>system\nSYSTEM<|im_end|>\n                  first turn only, when set
+ * <|im_start|>user\nTEXT<|im_end|>\n<|im_start|>assistant\n
+ * then "<think>\n\n</think>\n\n" when thinking is off (Qwen3's and Qwen3.5's
+ * enable_thinking=false), or "<think>\n" when thinking is on and the template
+ * opens the block itself (Qwen3.5's does, Qwen3's leaves it to the model).
+ * Past replies stay in the context as generated, thinking included: Qwen's
+ * templates strip old thinking, which would mean re-processing history. */
+
+typedef struct {
+    int32_t im_start, im_end;           /* ChatML's turn markers */
+    int32_t think_open, think_close;    /* <think> and </think>, -1 when the vocabulary lacks them */
+    int opens_think;                    /* the generation prompt opens the think block */
+    int think;                          /* replies think first; off inserts an empty think block */
+    char *system;                       /* system prompt, or NULL */
+} Chat;
+
+/* Whether the part of the template after its last add_generation_prompt
+ * emits a bare "<think>\n" (escaped or literal newline, either quote). */
+static int template_opens_think(Str tpl) {
+    const char *gen = NULL, *end = tpl.s + tpl.n;
+    for (const char *p = tpl.s; (p = memmem(p, (size_t)(end - p), "add_generation_prompt", 21)); p++) gen = p;
+    if (!gen) return 0;
+    static const char *const forms[] = {"<think>\\n'", "<think>\\n\"", "<think>\n'", "<think>\n\""};
+    for (int i = 0; i < 4; i++)
+        if (memmem(gen, (size_t)(end - gen), forms[i], strlen(forms[i]))) return 1;
+    return 0;
+}
+
+static int32_t token_named(const Vocab *v, const char *text) { return vocab_find(&v->tok, text, strlen(text)); }
+
+static void chat_init(Chat *ch, const Gguf *gg, const Vocab *v, int think, const char *system) {
+    const GgufKV *tpl = gguf_find(gg, "tokenizer.chat_template");
+    memset(ch, 0, sizeof *ch);
+    ch->im_start = token_named(v, "<|im_start|>");
+    ch->im_end = token_named(v, "<|im_end|>");
+    ch->think_open = token_named(v, "<think>");
+    ch->think_close = token_named(v, "</think>");
+    if (tpl && tpl->type != GG_STR) die("tokenizer.chat_template is not a string");
+    if (ch->im_start < 0 || ch->im_end < 0)
+        die("chat needs ChatML's <|im_start|> and <|im_end|> tokens, and this model's vocabulary lacks them");
+    if (tpl && !memmem(tpl->v.str.s, tpl->v.str.n, "<|im_start|>", 12))
+        die("this model's chat template is not ChatML (<|im_start|>role ... <|im_end|>), the only one mtp-gen supports");
+    if (ch->think_open < 0 || ch->think_close < 0) ch->think_open = ch->think_close = -1;
+    ch->opens_think = tpl && ch->think_open >= 0 && template_opens_think(tpl->v.str);
+    ch->think = think;
+    ch->system = system ? xstrdup(system) : NULL;
+}
+
+static void chat_set_system(Chat *ch, const char *system) {
+    free(ch->system);
+    ch->system = system ? xstrdup(system) : NULL;
+}
+
+/* What ends the previous reply before a new turn: nothing at the start,
+ * the newline after its <|im_end|>, or the whole end marker when the reply
+ * was cut short (budget, Ctrl-C, full context). */
+static const char *chat_lead(const Chat *ch, const int32_t *toks, int n_toks) {
+    if (n_toks == 0) return "";
+    return toks[n_toks - 1] == ch->im_end ? "\n" : "<|im_end|>\n";
+}
+
+/* A user turn and the opening of the reply after lead (see chat_lead);
+ * with_system starts a conversation. */
+static char *chat_turn(const Chat *ch, const char *lead, const char *user, int with_system) {
+    Buf b = {0};
+    buf_puts(&b, lead);
+    if (with_system && ch->system) {
+        buf_puts(&b, "<|im_start|>system\n");
+        buf_puts(&b, ch->system);
+        buf_puts(&b, "<|im_end|>\n");
+    }
+    buf_puts(&b, "<|im_start|>user\n");
+    buf_puts(&b, user);
+    buf_puts(&b, "<|im_end|>\n<|im_start|>assistant\n");
+    if (ch->think_open >= 0 && !ch->think)
+        buf_puts(&b, "<think>\n\n</think>\n\n");
+    else if (ch->opens_think)
+        buf_puts(&b, "<think>\n");
+    return b.s;
+}
+
+/* --chat: a one-shot prompt (text, consumed) becomes the first turn of a conversation. */
+static char *chat_prompt(const Gguf *gg, const Vocab *v, const Options *o, char *text, size_t *len) {
+    Chat ch;
+    chat_init(&ch, gg, v, o->think, o->system);
+    char *body = chat_turn(&ch, "", text, 1);
+    free(text);
+    free(ch.system);
+    *len = strlen(body);
+    return body;
+}
+
+/* ---- terminal ---- */
+
+static struct termios g_tty_saved;
+static int g_tty_raw;
+
+static void term_write(const char *s, size_t n) {
+    while (n) {
+        ssize_t w = write(1, s, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return;
+        s += w;
+        n -= (size_t)w;
+    }
+}
+
+static void term_puts(const char *s) { term_write(s, strlen(s)); }
+
+static int term_cols(void) {
+    struct winsize ws;
+    return ioctl(1, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0 ? ws.ws_col : 80;
+}
+
+/* Back to the mode the terminal had; also runs at exit, so a die() while
+ * editing leaves no raw terminal behind. */
+static void tty_restore(void) {
+    if (!g_tty_raw) return;
+    term_puts("\x1b[?2004l");
+    tcsetattr(0, TCSANOW, &g_tty_saved);
+    g_tty_raw = 0;
+}
+
+/* Keys as bytes, no echo, no signals (Ctrl-C is a key while editing), and
+ * bracketed paste so a paste's newlines arrive marked as such.  TCSANOW, not
+ * TCSAFLUSH: what was typed during a reply is kept. */
+static int tty_raw(void) {
+    struct termios t;
+    if (tcgetattr(0, &g_tty_saved)) return -1;
+    t = g_tty_saved;
+    t.c_iflag &= ~(tcflag_t)(BRKINT | ICRNL | INPCK | ISTRIP | IXON);
+    t.c_lflag &= ~(tcflag_t)(ECHO | ICANON | IEXTEN | ISIG);
+    t.c_cflag |= CS8;
+    t.c_cc[VMIN] = 1;
+    t.c_cc[VTIME] = 0;
+    if (tcsetattr(0, TCSANOW, &t)) return -1;
+    g_tty_raw = 1;
+    term_puts("\x1b[?2004h");
+    return 0;
+}
+
+/* One byte of input, -1 at end of input or after timeout_ms (< 0: wait). */
+static int read_byte(int timeout_ms) {
+    struct pollfd p = {0, POLLIN, 0};
+    if (timeout_ms >= 0 && poll(&p, 1, timeout_ms) <= 0) return -1;
+    unsigned char c;
+    ssize_t r;
+    while ((r = read(0, &c, 1)) < 0 && errno == EINTR) {}
+    return r == 1 ? c : -1;
+}
+
+static int input_pending(void) {
+    struct pollfd p = {0, POLLIN, 0};
+    return poll(&p, 1, 0) > 0;
+}
+
+enum { K_UP = 256, K_DOWN, K_LEFT, K_RIGHT, K_HOME, K_END, K_DEL, K_WORD_LEFT, K_WORD_RIGHT, K_PASTE_ON, K_PASTE_OFF, K_OTHER };
+
+/* A key: a byte, or one of K_* for the escape sequences terminals send.
+ * A lone Escape or an unknown sequence is K_OTHER. */
+static int read_key(void) {
+    static const struct { const char *seq; int key; } seqs[] = {
+        {"[A", K_UP}, {"[B", K_DOWN}, {"[C", K_RIGHT}, {"[D", K_LEFT}, {"OA", K_UP}, {"OB", K_DOWN},
+        {"OC", K_RIGHT}, {"OD", K_LEFT}, {"[H", K_HOME}, {"[F", K_END}, {"OH", K_HOME}, {"OF", K_END},
+        {"[1~", K_HOME}, {"[7~", K_HOME}, {"[4~", K_END}, {"[8~", K_END}, {"[3~", K_DEL},
+        {"[1;5C", K_WORD_RIGHT}, {"[1;5D", K_WORD_LEFT}, {"[1;3C", K_WORD_RIGHT}, {"[1;3D", K_WORD_LEFT},
+        {"[200~", K_PASTE_ON}, {"[201~", K_PASTE_OFF},
+    };
+    int c = read_byte(-1);
+    if (c != 27) return c;
+    char seq[16];
+    int n = 0;
+    if ((c = read_byte(50)) != '[' && c != 'O') return K_OTHER;
+    seq[n++] = (char)c;
+    while (n < (int)sizeof seq - 1 && (c = read_byte(50)) >= 0) {
+        seq[n++] = (char)c;
+        if (c >= 0x40 && c <= 0x7E) break;
+    }
+    seq[n] = 0;
+    for (size_t i = 0; i < sizeof seqs / sizeof *seqs; i++)
+        if (!strcmp(seq, seqs[i].seq)) return seqs[i].key;
+    return K_OTHER;
+}
+
+/* Columns a character takes: 0 for combining marks and joiners, 2 for East
+ * Asian wide characters and emoji, else 1. */
+static int char_cols(uint32_t cp) {
+    static const uint32_t wide[][2] = {
+        {0x1100, 0x115F}, {0x2E80, 0x303E}, {0x3041, 0x33FF}, {0x3400, 0x4DBF}, {0x4E00, 0x9FFF},
+        {0xA000, 0xA4CF}, {0xAC00, 0xD7A3}, {0xF900, 0xFAFF}, {0xFE30, 0xFE4F}, {0xFF00, 0xFF60},
+        {0xFFE0, 0xFFE6}, {0x1F300, 0x1F64F}, {0x1F900, 0x1F9FF}, {0x20000, 0x3FFFD},
+    };
+    if (cp == 0x200B || cp == 0x200D || (cp >= 0xFE00 && cp <= 0xFE0F) || (cp < TOK_INVALID && combining_class(cp))) return 0;
+    for (size_t i = 0; i < sizeof wide / sizeof *wide; i++)
+        if (cp >= wide[i][0] && cp <= wide[i][1]) return 2;
+    return 1;
+}
+
+/* ---- line editor ----
+ * The line is a UTF-8 buffer that may hold newlines (a paste, or lines
+ * continued with a trailing backslash).  Every change redraws it all: back
+ * to the prompt's first row, clear below, print, put the cursor where it
+ * belongs.  Simple, and cheap at the speed of typing. */
+
+enum { ED_LINE, ED_CANCEL, ED_EXIT };  /* how a read ended: a line, Ctrl-C on a line, Ctrl-C/D or end of input */
+enum { ED_MORE = -1 };                 /* a key handled, keep editing */
+#define ED_PROMPT "> "
+#define ED_CONT "... "                 /* before each continued line */
+#define HIST_MAX 1000
+
+typedef struct {
+    int tty;                    /* stdin and stdout are terminals: edit; otherwise read plain lines */
+    Buf line;                   /* the text being edited */
+    size_t pos;                 /* cursor, a byte offset on a character boundary */
+    int cursor_row;             /* screen rows from the prompt's first row to the cursor */
+    int pasting;                /* inside a bracketed paste: Enter is a newline of the text */
+    char *hist[HIST_MAX + 1];   /* past lines, oldest first, and the line being edited at n_hist */
+    int n_hist, hist_at;
+} LineEd;
+
+static size_t prev_char(const Buf *b, size_t i) {
+    while (i > 0 && (b->s[--i] & 0xC0) == 0x80) {}
+    return i;
+}
+
+static size_t next_char(const Buf *b, size_t i) {
+    if (i < b->n) i++;
+    while (i < b->n && (b->s[i] & 0xC0) == 0x80) i++;
+    return i;
+}
+
+static size_t line_start(const Buf *b, size_t i) {
+    while (i > 0 && b->s[i - 1] != '\n') i--;
+    return i;
+}
+
+static size_t line_end(const Buf *b, size_t i) {
+    while (i < b->n && b->s[i] != '\n') i++;
+    return i;
+}
+
+static int is_blank(char c) { return c == ' ' || c == '\t' || c == '\n'; }
+
+static size_t word_left(const Buf *b, size_t i) {
+    while (i > 0 && is_blank(b->s[i - 1])) i--;
+    while (i > 0 && !is_blank(b->s[i - 1])) i--;
+    return i;
+}
+
+static size_t word_right(const Buf *b, size_t i) {
+    while (i < b->n && is_blank(b->s[i])) i++;
+    while (i < b->n && !is_blank(b->s[i])) i++;
+    return i;
+}
+
+/* Screen row and column after the prompt and line[0..upto).  A column equal
+ * to the width means the terminal's pending wrap: the cursor is shown at the
+ * start of the next row. */
+static void ed_locate(const Buf *b, size_t upto, int cols, int *row, int *col) {
+    int r = 0, c = (int)strlen(ED_PROMPT);
+    for (size_t i = 0, len; i < upto; i += len) {
+        uint32_t cp = utf8_decode((const unsigned char *)b->s + i, b->n - i, &len);
+        if (cp == '\n') {
+            r++;
+            c = (int)strlen(ED_CONT);
+            continue;
+        }
+        int w = char_cols(cp);
+        if (c + w > cols) {
+            r++;
+            c = 0;
+        }
+        c += w;
+    }
+    *row = r;
+    *col = c;
+}
+
+static void ed_refresh(LineEd *e) {
+    int cols = term_cols(), row, col, crow, ccol;
+    Buf out = {0};
+    if (e->cursor_row) buf_printf(&out, "\x1b[%dA", e->cursor_row);
+    buf_puts(&out, "\r\x1b[J" ED_PROMPT);
+    for (size_t i = 0; i < e->line.n; i++) {
+        char c = e->line.s[i];
+        if (c == '\n')
+            buf_puts(&out, "\r\n" ED_CONT);
+        else
+            buf_put(&out, c == '\t' ? " " : &e->line.s[i], 1);
+    }
+    ed_locate(&e->line, e->line.n, cols, &row, &col);
+    if (col >= cols) {
+        buf_puts(&out, "\r\n");
+        row++;
+    }
+    ed_locate(&e->line, e->pos, cols, &crow, &ccol);
+    if (ccol >= cols) {
+        crow++;
+        ccol = 0;
+    }
+    if (row > crow) buf_printf(&out, "\x1b[%dA", row - crow);
+    buf_puts(&out, "\r");
+    if (ccol) buf_printf(&out, "\x1b[%dC", ccol);
+    e->cursor_row = crow;
+    term_write(out.s, out.n);
+    free(out.s);
+}
+
+/* Leave the cursor below the whole line, ready for what comes next. */
+static void ed_finish(LineEd *e, const char *mark) {
+    e->pos = e->line.n;
+    ed_refresh(e);
+    term_puts(mark);
+    term_puts("\r\n");
+}
+
+static void ed_insert(LineEd *e, const char *s, size_t n) {
+    buf_insert(&e->line, e->pos, s, n);
+    e->pos += n;
+}
+
+/* A typed character: its lead byte came as the key, the rest follows. */
+static void ed_insert_char(LineEd *e, int lead) {
+    char ch[4] = {(char)lead};
+    size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1, n = 1;
+    for (int c; n < need && (c = read_byte(100)) >= 0; n++) ch[n] = (char)c;
+    ed_insert(e, ch, n);
+}
+
+static void hist_move(LineEd *e, int dir) {
+    int to = e->hist_at + dir;
+    if (to < 0 || to > e->n_hist) return;
+    free(e->hist[e->hist_at]);
+    e->hist[e->hist_at] = xstrdup(e->line.s ? e->line.s : "");
+    e->hist_at = to;
+    buf_clear(&e->line);
+    buf_puts(&e->line, e->hist[to]);
+    e->pos = e->line.n;
+}
+
+static void hist_add(LineEd *e, const char *line) {
+    if (!line[0] || (e->n_hist && !strcmp(e->hist[e->n_hist - 1], line))) return;
+    if (e->n_hist == HIST_MAX) {
+        free(e->hist[0]);
+        memmove(e->hist, e->hist + 1, (HIST_MAX - 1) * sizeof *e->hist);
+        e->n_hist--;
+    }
+    e->hist[e->n_hist++] = xstrdup(line);
+}
+
+/* Enter: a newline inside a paste or after a trailing backslash, else the line is done. */
+static int ed_enter(LineEd *e) {
+    Buf *b = &e->line;
+    if (e->pasting || input_pending()) {   /* input already waiting: a paste without bracketed-paste support */
+        ed_insert(e, "\n", 1);
+        return ED_MORE;
+    }
+    if (b->n && b->s[b->n - 1] == '\\') {
+        b->s[b->n - 1] = '\n';
+        e->pos = b->n;
+        return ED_MORE;
+    }
+    ed_finish(e, "");
+    return ED_LINE;
+}
+
+static int ed_key(LineEd *e, int key) {
+    Buf *b = &e->line;
+    size_t p;
+    switch (key) {
+    case -1: ed_finish(e, ""); return ED_EXIT;
+    case 3: ed_finish(e, "^C"); return b->n ? ED_CANCEL : ED_EXIT;
+    case 4:
+        if (!b->n) { ed_finish(e, ""); return ED_EXIT; }
+        buf_erase(b, e->pos, next_char(b, e->pos));
+        break;
+    case '\r': case '\n':
+        if (ed_enter(e) == ED_LINE) return ED_LINE;
+        break;
+    case 1: case K_HOME: e->pos = line_start(b, e->pos); break;
+    case 5: case K_END: e->pos = line_end(b, e->pos); break;
+    case 2: case K_LEFT: e->pos = prev_char(b, e->pos); break;
+    case 6: case K_RIGHT: e->pos = next_char(b, e->pos); break;
+    case K_WORD_LEFT: e->pos = word_left(b, e->pos); break;
+    case K_WORD_RIGHT: e->pos = word_right(b, e->pos); break;
+    case 8: case 127:
+        p = prev_char(b, e->pos);
+        buf_erase(b, p, e->pos);
+        e->pos = p;
+        break;
+    case K_DEL: buf_erase(b, e->pos, next_char(b, e->pos)); break;
+    case 11: buf_erase(b, e->pos, line_end(b, e->pos)); break;
+    case 21:
+        p = line_start(b, e->pos);
+        buf_erase(b, p, e->pos);
+        e->pos = p;
+        break;
+    case 23:
+        p = word_left(b, e->pos);
+        buf_erase(b, p, e->pos);
+        e->pos = p;
+        break;
+    case 12:
+        term_puts("\x1b[H\x1b[2J");
+        e->cursor_row = 0;
+        break;
+    case 16: case K_UP: hist_move(e, -1); break;
+    case 14: case K_DOWN: hist_move(e, +1); break;
+    case K_PASTE_ON: e->pasting = 1; break;
+    case K_PASTE_OFF: e->pasting = 0; break;
+    case '\t': ed_insert(e, "\t", 1); break;
+    default:
+        if (key >= 32 && key < 256 && key != 127) ed_insert_char(e, key);
+    }
+    ed_refresh(e);
+    return ED_MORE;
+}
+
+/* Without a terminal: a line at a time, a trailing backslash continuing it. */
+static int plain_read(char **out) {
+    Buf b = {0};
+    char *line = NULL;
+    size_t cap = 0;
+    ssize_t n = -1;
+    int got = 0;
+    if (isatty(0)) fputs(ED_PROMPT, stderr);
+    while ((n = getline(&line, &cap, stdin)) > 0) {
+        got = 1;
+        while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
+        int more = n && line[n - 1] == '\\';
+        buf_put(&b, line, (size_t)n - more);
+        if (!more) break;
+        buf_put(&b, "\n", 1);
+        if (isatty(0)) fputs(ED_CONT, stderr);
+    }
+    free(line);
+    if (!got) return ED_EXIT;
+    *out = b.s ? b.s : xstrdup("");
+    return ED_LINE;
+}
+
+/* Read one line (*out is malloc'd) with editing when on a terminal. */
+static int ed_read(LineEd *e, char **out) {
+    if (!e->tty || tty_raw()) return plain_read(out);
+    buf_clear(&e->line);
+    e->pos = 0;
+    e->cursor_row = 0;
+    e->pasting = 0;
+    e->hist[e->n_hist] = xstrdup("");
+    e->hist_at = e->n_hist;
+    ed_refresh(e);
+    int rc;
+    while ((rc = ed_key(e, read_key())) == ED_MORE) {}
+    tty_restore();
+    free(e->hist[e->n_hist]);
+    if (rc == ED_LINE) {
+        *out = xstrdup(e->line.s ? e->line.s : "");
+        hist_add(e, *out);
+    }
+    return rc;
+}
+
+static void ed_init(LineEd *e) {
+    memset(e, 0, sizeof *e);
+    e->tty = isatty(0) && isatty(1);
+    if (e->tty) atexit(tty_restore);
+}
+
+static void ed_free(LineEd *e) {
+    for (int i = 0; i < e->n_hist; i++) free(e->hist[i]);
+    free(e->line.s);
+}
+
+/* ---- showing a reply ----
+ * Control tokens never show, nor do the tags of a think block; what is
+ * between the tags is faint (SGR 2) on a terminal, or hidden. */
+
+typedef struct {
+    const Vocab *vocab;
+    const Chat *chat;
+    TokStream stream;
+    char *buf;                  /* one token's text */
+    int cap;
+    int thinking;               /* inside <think> ... </think> */
+    int hide_think;
+    int can_faint;              /* stdout is a terminal */
+    int faint;                  /* SGR 2 is on */
+    int last;                   /* the last byte shown of this reply, 0 before any */
+} Show;
+
+static void show_init(Show *s, const Vocab *v, const Chat *ch, int hide_think) {
+    memset(s, 0, sizeof *s);
+    s->vocab = v;
+    s->chat = ch;
+    s->hide_think = hide_think;
+    s->can_faint = isatty(1);
+    s->cap = 3 * (v->tok.max_piece + 3);
+    s->buf = xmalloc((size_t)s->cap);
+}
+
+static void show_bytes(Show *s, const char *p, int n) {
+    if (n <= 0) return;
+    if (s->can_faint && s->faint != s->thinking) {
+        out_write(s->thinking ? "\x1b[2m" : "\x1b[22m", s->thinking ? 4 : 5);
+        s->faint = s->thinking;
+    }
+    out_write(p, (size_t)n);
+    s->last = (unsigned char)p[n - 1];
+}
+
+static void show_flush(Show *s) { show_bytes(s, s->buf, tok_stream_flush(&s->stream, s->buf, s->cap)); }
+
+/* A reply starts inside a think block when its prompt left one open. */
+static void show_begin(Show *s, const int32_t *prompt, int n) {
+    s->last = s->thinking = 0;
+    for (int i = 0; i < n; i++)
+        if (prompt[i] == s->chat->think_open || prompt[i] == s->chat->think_close) s->thinking = prompt[i] == s->chat->think_open;
+}
+
+static int show_token(void *ud, int32_t t) {
+    Show *s = ud;
+    if (t == s->chat->think_open || t == s->chat->think_close) {
+        show_flush(s);
+        s->thinking = t == s->chat->think_open;
+    } else if (!s->vocab->hidden[t] && !(s->thinking && s->hide_think)) {
+        show_bytes(s, s->buf, tok_stream(&s->vocab->tok, &s->stream, t, s->buf, s->cap));
+    }
+    fflush(stdout);
+    return 0;
+}
+
+static void show_end(Show *s) {
+    show_flush(s);
+    if (s->faint) out_write("\x1b[22m", 5);
+    if (s->last && s->last != '\n') out_write("\n", 1);
+    s->faint = s->thinking = 0;
+    fflush(stdout);
+}
+
+/* ---- the session ---- */
+
+typedef struct {
+    Gen *g;
+    const Model *model;
+    const Vocab *vocab;
+    const Options *o;
+    Chat chat;
+    Show show;
+    LineEd ed;
+    SpecCfg spec_on;            /* what /mtp on restores */
+    int budget;                 /* tokens per reply */
+} Repl;
+
+/* Back to an empty sequence: the caches are just truncated, but DeltaNet
+ * state has to restart from zeros. */
+static void repl_forget(Gen *g) {
+    State *st = &g->e->st;
+    const Config *c = &g->e->model->cfg;
+    for (int l = 0; l < c->n_layer; l++)
+        if (c->recurrent[l]) {
+            memset(st->conv[l], 0, st->n_slots * conv_slot_floats(c) * sizeof(float));
+            memset(st->ssm[l], 0, st->n_slots * ssm_slot_floats(c) * sizeof(float));
+        }
+    st->n_past = st->slot = st->mtp_n = 0;
+    g->n_toks = g->n_pend = 0;
+}
+
+/* Room for a longer speculative batch: more recurrent-state slots, the
+ * committed state moved to slot 0. */
+static void state_grow_slots(State *st, const Config *c, int n_slots) {
+    if (n_slots <= st->n_slots) return;
+    size_t cs = conv_slot_floats(c), ss = ssm_slot_floats(c);
+    for (int l = 0; l < c->n_layer; l++) {
+        if (!c->recurrent[l]) continue;
+        float *conv = xcalloc(n_slots * cs, sizeof(float)), *ssm = xcalloc(n_slots * ss, sizeof(float));
+        memcpy(conv, st->conv[l] + st->slot * cs, cs * sizeof(float));
+        memcpy(ssm, st->ssm[l] + st->slot * ss, ss * sizeof(float));
+        free(st->conv[l]);
+        free(st->ssm[l]);
+        st->conv[l] = conv;
+        st->ssm[l] = ssm;
+    }
+    st->n_slots = n_slots;
+    st->slot = 0;
+}
+
+/* The counters /stats and the per-turn line show cover one turn. */
+static void stats_reset(Stats *s) {
+    Stats keep = *s;
+    memset(s, 0, sizeof *s);
+    s->load_ms = keep.load_ms;
+    s->token_ms = keep.token_ms;
+    s->token_cap = keep.token_cap;
+}
+
+static void turn_summary(const Gen *g) {
+    const Stats *s = &g->st;
+    int faint = isatty(2);
+    fprintf(stderr, "%s[prompt %d tok, %.1f tok/s | reply %d tok, %.2f tok/s", faint ? "\x1b[2m" : "", s->n_prompt,
+            rate(s->n_prompt, s->prompt_ms), s->n_gen, rate(s->n_gen, s->gen_ms));
+    if (s->steps)
+        fprintf(stderr, " | mtp %.0f%% accepted, %.2f tok/step", s->tested ? 100.0 * s->accepted / s->tested : 0,
+                (double)(s->steps + s->accepted) / s->steps);
+    fprintf(stderr, "]%s\n", faint ? "\x1b[22m" : "");
+}
+
+static void encode_text(const Vocab *v, const char *text, int32_t **ids, int *n) {
+    if (tok_encode(&v->tok, text, strlen(text), 1, ids, n)) die("out of memory tokenising a message");
+}
+
+/* Whether a user turn starts at toks[i]: <|im_start|> then "user\n". */
+static int user_turn_at(const Repl *r, const int32_t *toks, int n, int i) {
+    const Tokenizer *t = &r->vocab->tok;
+    char got[5];
+    size_t k = 0;
+    if (toks[i] != r->chat.im_start) return 0;
+    for (int j = i + 1; j < n && k < sizeof got; j++)
+        for (uint32_t b = t->bytes_at[toks[j]]; b < t->bytes_at[toks[j] + 1] && k < sizeof got; b++) got[k++] = t->bytes[b];
+    return k == sizeof got && !memcmp(got, "user\n", sizeof got);
+}
+
+/* Make room for a turn of n tokens, the first n_lead closing the previous
+ * reply.  Without --ctx-shift a turn that does not fit is refused.  With it,
+ * once less than a quarter of the context would be left for the reply, the
+ * oldest turns go: the system block and the newest turns that fit in half
+ * the context are kept and read again (DeltaNet state cannot forget a
+ * prefix).  After a shift *ids / *n hold the whole new prompt.  Returns -1
+ * when the turn cannot be taken. */
+static int repl_room(Repl *r, int32_t **ids, int *n, int n_lead) {
+    Gen *g = r->g;
+    int n_ctx = g->e->st.n_ctx, reserve = r->o->ctx_shift ? n_ctx / 4 : 1;
+    if (g->n_toks + *n + reserve <= n_ctx) return 0;
+    if (!r->o->ctx_shift) {
+        fprintf(stderr, "context full (%d of %d tokens used, this message needs %d): /reset starts a new conversation; "
+                        "a larger -c or --ctx-shift avoids this\n", g->n_toks, n_ctx, *n);
+        return -1;
+    }
+    int head = 0, keep = g->n_toks, dropped = 0;
+    while (head < g->n_toks && !user_turn_at(r, g->toks, g->n_toks, head)) head++;
+    for (int i = g->n_toks - 1; i >= head; i--)
+        if (user_turn_at(r, g->toks, g->n_toks, i)) {
+            if (head + (g->n_toks - i) + *n > n_ctx / 2) break;
+            keep = i;
+        }
+    int lead = keep == g->n_toks ? n_lead : 0;  /* no reply is left to close */
+    int total = head + (g->n_toks - keep) + *n - lead;
+    if (total + 1 > n_ctx) {
+        fprintf(stderr, "this message (%d tokens) does not fit the context (%d tokens): use a larger -c\n", *n, n_ctx);
+        return -1;
+    }
+    for (int i = head; i < keep; i++) dropped += user_turn_at(r, g->toks, g->n_toks, i);
+    int32_t *all = xmalloc((size_t)total * sizeof *all);
+    memcpy(all, g->toks, (size_t)head * sizeof *all);
+    memcpy(all + head, g->toks + keep, (size_t)(g->n_toks - keep) * sizeof *all);
+    memcpy(all + head + (g->n_toks - keep), *ids + lead, (size_t)(*n - lead) * sizeof *all);
+    fprintf(stderr, "[context shift: dropped the %d oldest turn%s (%d tokens); reading the %d kept again]\n", dropped,
+            dropped == 1 ? "" : "s", keep - head, total);
+    free(*ids);
+    *ids = all;
+    *n = total;
+    repl_forget(g);
+    return 0;
+}
+
+/* One exchange: the user's text as a ChatML turn after the conversation so
+ * far, and the reply streamed as it comes. */
+static void repl_turn(Repl *r, const char *user) {
+    Gen *g = r->g;
+    const char *lead = chat_lead(&r->chat, g->toks, g->n_toks);
+    char *text = chat_turn(&r->chat, lead, user, g->n_toks == 0);
+    int32_t *ids, *lead_ids;
+    int n, n_lead;
+    encode_text(r->vocab, lead, &lead_ids, &n_lead);   /* the lead ends at a special token: counted alone */
+    encode_text(r->vocab, text, &ids, &n);
+    free(lead_ids);
+    free(text);
+    if (repl_room(r, &ids, &n, n_lead) == 0) {
+        stats_reset(&g->st);
+        *g->stop = 0;
+        show_begin(&r->show, ids, n);
+        generate(g, ids, n, r->budget, NULL, show_token, &r->show);
+        show_end(&r->show);
+        if (*g->stop) fputs("[stopped]\n", stderr);
+        *g->stop = 0;
+        if (!r->o->quiet) turn_summary(g);
+        if (g->e->st.n_past >= g->e->st.n_ctx)
+            fputs(r->o->ctx_shift ? "[the context is full: the next message drops the oldest turns]\n"
+                                  : "[the context is full: /reset starts a new conversation]\n", stderr);
+    }
+    free(ids);
+}
+
+/* ---- saving a conversation ----
+ * A file holds the conversation as text (for people: `strings` shows it)
+ * and everything generation continues from: the tokens, the full-attention
+ * KV caches up to n_past, the committed DeltaNet conv and recurrent state,
+ * the MTP head's cache with its pending rows, and the sampler's random state.
+ * The model is named by its file size and a hash of its metadata and tensor
+ * table, so another model's file is refused before anything changes.  Numbers
+ * are in the machine's byte order (little-endian on every mtp-gen target). */
+
+#define SAVE_MAGIC "MTPGCHAT"   /* also closes the file, so a truncated one is caught */
+#define SAVE_VERSION 1
+
+typedef struct {
+    char magic[8];
+    uint32_t version, n_layer;
+    uint64_t model_bytes, model_hash;
+    int32_t n_toks, n_past, mtp_n, n_pend;
+    int32_t dim, kv_dim, conv_floats, ssm_floats;
+    uint64_t rng;
+    uint64_t text_bytes;        /* the conversation as text, right after the header */
+    char model_name[64];        /* the model's file name, for the message refusing another model */
+} SaveHeader;
+
+_Static_assert(sizeof(SaveHeader) == 144, "the save header is written as it is laid out: no padding");
+
+/* FNV-1a of the file up to its tensor data: metadata, vocabulary, tensor table. */
+static uint64_t model_hash(const Model *m) {
+    size_t end = m->file.size;
+    for (uint64_t i = 0; i < m->gguf.n_tensors; i++) {
+        const uint8_t *d = m->gguf.tensors[i].data;
+        if (d && (size_t)(d - m->file.base) < end) end = (size_t)(d - m->file.base);
+    }
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (size_t i = 0; i < end; i++) h = (h ^ m->file.base[i]) * 0x100000001b3ULL;
+    return h;
+}
+
+static SaveHeader save_header(const Repl *r) {
+    const Gen *g = r->g;
+    const Config *c = &r->model->cfg;
+    const char *name = strrchr(r->o->model, '/');
+    SaveHeader h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, SAVE_MAGIC, sizeof h.magic);
+    h.version = SAVE_VERSION;
+    h.n_layer = (uint32_t)c->n_layer;
+    h.model_bytes = r->model->file.size;
+    h.model_hash = model_hash(r->model);
+    h.n_toks = g->n_toks;
+    h.n_past = g->e->st.n_past;
+    h.mtp_n = g->e->st.mtp_n;
+    h.n_pend = g->n_pend;
+    h.dim = c->dim;
+    h.kv_dim = c->n_kv_head * c->head_dim;
+    h.conv_floats = (int32_t)conv_slot_floats(c);
+    h.ssm_floats = (int32_t)ssm_slot_floats(c);
+    h.rng = g->smp->cfg.rng;
+    snprintf(h.model_name, sizeof h.model_name, "%s", name ? name + 1 : r->o->model);
+    return h;
+}
+
+typedef int (*IoFn)(FILE *f, void *p, size_t n);   /* nonzero on failure */
+
+static int io_write(FILE *f, void *p, size_t n) { return fwrite(p, 1, n, f) != n; }
+static int io_read(FILE *f, void *p, size_t n) { return fread(p, 1, n, f) != n; }
+
+/* The state in file order, one walk for both directions. */
+static int state_io(Repl *r, FILE *f, IoFn io, const SaveHeader *h) {
+    Gen *g = r->g;
+    State *st = &g->e->st;
+    const Config *c = &r->model->cfg;
+    size_t kv = (size_t)h->kv_dim * sizeof(float), cs = conv_slot_floats(c), ss = ssm_slot_floats(c);
+    int err = io(f, g->toks, (size_t)h->n_toks * sizeof *g->toks);
+    for (int l = 0; l < c->n_layer && !err; l++)
+        if (c->recurrent[l])
+            err = io(f, st->conv[l] + st->slot * cs, cs * sizeof(float)) || io(f, st->ssm[l] + st->slot * ss, ss * sizeof(float));
+        else
+            err = io(f, st->k_cache[l], (size_t)h->n_past * kv) || io(f, st->v_cache[l], (size_t)h->n_past * kv);
+    if (c->n_mtp && !err) err = io(f, st->mtp_k, (size_t)h->mtp_n * kv) || io(f, st->mtp_v, (size_t)h->mtp_n * kv);
+    return err || io(f, g->pend_h, (size_t)h->n_pend * c->dim * sizeof(float)) || io(f, g->pend_t, (size_t)h->n_pend * sizeof *g->pend_t);
+}
+
+/* Every token's text, template markers included. */
+static Buf conversation_text(const Repl *r) {
+    const Tokenizer *t = &r->vocab->tok;
+    Buf b = {0};
+    for (int i = 0; i < r->g->n_toks; i++) {
+        int32_t id = r->g->toks[i];
+        buf_put(&b, t->bytes + t->bytes_at[id], t->bytes_at[id + 1] - t->bytes_at[id]);
+    }
+    return b;
+}
+
+static void repl_save(Repl *r, const char *path) {
+    SaveHeader h = save_header(r);
+    Buf text = conversation_text(r);
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
+    h.text_bytes = text.n;
+    FILE *f = fopen(tmp, "wb");
+    int err = !f || fwrite(&h, sizeof h, 1, f) != 1 || fwrite(text.s ? text.s : "", 1, text.n, f) != text.n ||
+              state_io(r, f, io_write, &h) || fwrite(SAVE_MAGIC, 1, 8, f) != 8;
+    if (f && fclose(f)) err = 1;
+    if (err || rename(tmp, path)) {
+        fprintf(stderr, "cannot save to '%s': %s\n", path, strerror(errno));
+        remove(tmp);
+    } else {
+        fprintf(stderr, "[saved %d tokens to %s]\n", h.n_toks, path);
+    }
+    free(text.s);
+}
+
+/* Whether a header fits this model and context; why says what is wrong. */
+static int load_check(const Repl *r, const SaveHeader *h, char *why, size_t n) {
+    SaveHeader want = save_header(r);
+    int n_ctx = r->g->e->st.n_ctx, mtp = r->model->cfg.n_mtp;
+    if (memcmp(h->magic, SAVE_MAGIC, sizeof h->magic))
+        snprintf(why, n, "is not an mtp-gen conversation file");
+    else if (h->version != SAVE_VERSION)
+        snprintf(why, n, "has format version %u; this mtp-gen reads version %u", h->version, SAVE_VERSION);
+    else if (h->model_bytes != want.model_bytes || h->model_hash != want.model_hash || h->n_layer != want.n_layer ||
+             h->dim != want.dim || h->kv_dim != want.kv_dim || h->conv_floats != want.conv_floats || h->ssm_floats != want.ssm_floats)
+        snprintf(why, n, "was saved with another model (%.63s), not %s", h->model_name, want.model_name);
+    else if (h->n_toks < 0 || h->n_toks >= n_ctx)
+        snprintf(why, n, "holds %d tokens and the context %d: use a larger -c", h->n_toks, n_ctx);
+    else if (h->n_past < 0 || h->n_past > h->n_toks || h->n_past < h->n_toks - 1 || h->n_pend < 0 || h->n_pend > PEND_CAP ||
+             h->mtp_n < 0 || (mtp ? h->mtp_n + h->n_pend != h->n_past : h->mtp_n || h->n_pend) || h->text_bytes > ((uint64_t)1 << 40))
+        snprintf(why, n, "is corrupt (inconsistent counts)");
+    else
+        return 1;
+    return 0;
+}
+
+static int tokens_valid(const int32_t *toks, int n, int n_vocab) {
+    for (int i = 0; i < n; i++)
+        if (toks[i] < 0 || toks[i] >= n_vocab) return 0;
+    return 1;
+}
+
+static void repl_load(Repl *r, const char *path) {
+    Gen *g = r->g;
+    SaveHeader h;
+    char why[256] = "", end[8];
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "cannot open '%s': %s\n", path, strerror(errno));
+        return;
+    }
+    if (fread(&h, sizeof h, 1, f) != 1)
+        snprintf(why, sizeof why, "is too short to be an mtp-gen conversation file");
+    else if (load_check(r, &h, why, sizeof why)) {
+        repl_forget(g);
+        if (fseek(f, (long)h.text_bytes, SEEK_CUR) || state_io(r, f, io_read, &h) || fread(end, 1, 8, f) != 8 ||
+            memcmp(end, SAVE_MAGIC, 8) || !tokens_valid(g->toks, h.n_toks, r->model->cfg.n_vocab)) {
+            repl_forget(g);
+            snprintf(why, sizeof why, "is truncated or corrupt (the conversation was reset)");
+        } else {
+            g->n_toks = h.n_toks;
+            g->e->st.n_past = h.n_past;
+            g->e->st.mtp_n = h.mtp_n;
+            g->n_pend = h.n_pend;
+            g->smp->cfg.rng = h.rng;
+        }
+    }
+    fclose(f);
+    if (why[0])
+        fprintf(stderr, "cannot load '%s': it %s\n", path, why);
+    else
+        fprintf(stderr, "[loaded %s: %d tokens]\n", path, g->n_toks);
+}
+
+/* ---- commands ---- */
+
+static const char repl_help[] =
+    "  /help            this list\n"
+    "  /reset           start a new conversation\n"
+    "  /system [TEXT]   show the system prompt, or set it and start a new conversation ('-' removes it)\n"
+    "  /think on|off    let replies think first, or skip thinking (an empty think block)\n"
+    "  /mtp on|off|N    speculative decoding with the MTP head: on, off, or N drafts per step\n"
+    "  /stats           speed and acceptance of the last reply\n"
+    "  /save FILE       save the conversation with its state (KV cache, DeltaNet state, MTP cache)\n"
+    "  /load FILE       continue a saved conversation where it stopped\n"
+    "  /quit            leave (so do Ctrl-D and Ctrl-C at an empty prompt)\n"
+    "  Ctrl-C stops a reply.  Editing: arrows, Home/End, Ctrl-A/E/U/W/K, Up/Down for history;\n"
+    "  end a line with \\ to continue it; start it with // to send text beginning with /.\n";
+
+static void repl_system(Repl *r, const char *arg) {
+    if (!*arg) {
+        fprintf(stderr, "[system prompt: %s]\n", r->chat.system ? r->chat.system : "none");
+        return;
+    }
+    chat_set_system(&r->chat, strcmp(arg, "-") ? arg : NULL);
+    repl_forget(r->g);
+    fprintf(stderr, "[system prompt %s; new conversation]\n", r->chat.system ? "set" : "removed");
+}
+
+static void repl_think(Repl *r, const char *arg) {
+    if (r->chat.think_open < 0)
+        fputs("this model's vocabulary has no <think> tokens\n", stderr);
+    else if (!strcmp(arg, "on") || !strcmp(arg, "off"))
+        r->chat.think = !strcmp(arg, "on");
+    else
+        fputs("usage: /think on|off\n", stderr);
+    fprintf(stderr, "[thinking %s]\n", r->chat.think ? "on" : "off");
+}
+
+static void repl_mtp(Repl *r, const char *arg) {
+    Gen *g = r->g;
+    SpecCfg spec = g->spec;
+    char *end;
+    long k = strtol(arg, &end, 10);
+    if (!g->use_mtp) {
+        fputs("this model has no MTP head: decoding without speculation\n", stderr);
+        return;
+    }
+    if (!strcmp(arg, "on"))
+        spec = r->spec_on;
+    else if (!strcmp(arg, "off") || (*arg && !*end && k >= 0 && k <= MAX_DRAFT))
+        spec.n_draft = strcmp(arg, "off") ? (int)k : 0, spec.adaptive = 0;
+    else if (*arg)
+        fprintf(stderr, "usage: /mtp on|off|N with N in 0..%d\n", MAX_DRAFT);
+    state_grow_slots(&g->e->st, &r->model->cfg, spec.n_draft + 2);
+    g->spec = spec;
+    if (spec.n_draft)
+        fprintf(stderr, "[mtp on: %s%d draft%s per step]\n", spec.adaptive ? "adaptive, up to " : "", spec.n_draft, spec.n_draft == 1 ? "" : "s");
+    else
+        fputs("[mtp off]\n", stderr);
+}
+
+/* Run a command line; returns 1 to quit. */
+static int repl_command(Repl *r, char *line) {
+    char *arg = line + strcspn(line, " \t");
+    if (*arg) *arg++ = 0;
+    arg += strspn(arg, " \t");
+    for (size_t n = strlen(arg); n && is_blank(arg[n - 1]);) arg[--n] = 0;
+    if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) return 1;
+    if (!strcmp(line, "/help")) fputs(repl_help, stderr);
+    else if (!strcmp(line, "/reset")) repl_forget(r->g), fputs("[new conversation]\n", stderr);
+    else if (!strcmp(line, "/system")) repl_system(r, arg);
+    else if (!strcmp(line, "/think")) repl_think(r, arg);
+    else if (!strcmp(line, "/mtp")) repl_mtp(r, arg);
+    else if (!strcmp(line, "/stats")) print_stats(r->g, r->model, r->g->use_mtp && r->g->spec.n_draft > 0);
+    else if ((!strcmp(line, "/save") || !strcmp(line, "/load")) && !*arg) fprintf(stderr, "usage: %s FILE\n", line);
+    else if (!strcmp(line, "/save")) repl_save(r, arg);
+    else if (!strcmp(line, "/load")) repl_load(r, arg);
+    else fprintf(stderr, "unknown command '%s' (/help lists them)\n", line);
+    return 0;
+}
+
+/* The chat: first (from -p or -f) is the opening message when given. */
+static void repl_run(Gen *g, const Model *m, const Vocab *v, const Options *o, const char *first) {
+    Repl r = {.g = g, .model = m, .vocab = v, .o = o};
+    chat_init(&r.chat, &m->gguf, v, o->think, o->system);
+    show_init(&r.show, v, &r.chat, o->hide_think);
+    ed_init(&r.ed);
+    r.budget = o->n_predict < 0 ? INT32_MAX : o->n_predict;
+    r.spec_on = g->spec;
+    if (r.spec_on.n_draft == 0) r.spec_on.n_draft = 2;
+    if (o->mtp == 0) g->spec.n_draft = g->spec.adaptive = 0;
+    if (!o->quiet) fputs("mtp-gen: chat: /help lists the commands; Ctrl-C stops a reply; Ctrl-D quits\n", stderr);
+    if (first) repl_turn(&r, first);
+    for (int quit = 0; !quit;) {
+        char *line;
+        int rc = ed_read(&r.ed, &line);
+        if (rc == ED_EXIT) break;
+        if (rc == ED_CANCEL) continue;
+        if (line[0] == '/' && line[1] != '/')
+            quit = repl_command(&r, line);
+        else if (line[strspn(line, " \t\n")])
+            repl_turn(&r, line + (line[0] == '/'));
+        free(line);
+    }
+    ed_free(&r.ed);
+    free(r.show.buf);
+    free(r.chat.system);
+}
+
 /* ---- main ---- */
 
 static volatile sig_atomic_t g_interrupted;
@@ -3133,6 +4219,31 @@ static char *prompt_text(const Options *o, size_t *len) {
     return read_all("-", len);
 }
 
+/* The prompt, one generation, its statistics. */
+static void run_once(Gen *g, const Model *m, const Vocab *v, const Options *o, const char *text, size_t text_len,
+                     const int32_t *prompt, int n_prompt) {
+    FILE *logits = NULL;
+    if (o->logits_out && !(logits = fopen(o->logits_out, "wb"))) die("cannot open '%s': %s", o->logits_out, strerror(errno));
+    if (o->mtp_logits_out) {
+        if (!g->use_mtp) die("--mtp-logits-out needs a model with an MTP head and speculation on");
+        if (!(g->mtp_logits_out = fopen(o->mtp_logits_out, "wb"))) die("cannot open '%s': %s", o->mtp_logits_out, strerror(errno));
+    }
+    FILE *mtp_logits = g->mtp_logits_out;
+    if (o->display_prompt && !o->print_ids) {
+        out_write(text, text_len);
+        out_flush();
+    }
+    Printer pr;
+    printer_init(&pr, v, o->print_ids);
+    generate(g, prompt, n_prompt, o->n_predict < 0 ? INT32_MAX : o->n_predict, logits, print_token, &pr);
+    printer_finish(&pr);
+    if (logits && fclose(logits)) die("cannot write '%s': %s", o->logits_out, strerror(errno));
+    if (mtp_logits && fclose(mtp_logits)) die("cannot write '%s': %s", o->mtp_logits_out, strerror(errno));
+    if (g_interrupted && !o->quiet) fprintf(stderr, "mtp-gen: interrupted\n");
+    if (!o->quiet) print_stats(g, m, g->use_mtp);
+    if (o->stats_json) write_stats_json(o->stats_json, g, m);
+}
+
 #ifndef MTP_NO_MAIN
 int main(int argc, char **argv) {
     Options o;
@@ -3144,12 +4255,26 @@ int main(int argc, char **argv) {
     model_open(&model, o.model);
     Vocab vocab;
     vocab_load(&vocab, &model.gguf);
+    const Config *c = &model.cfg;
+    int n_ctx = 0;
+    if (!o.tokenize_only) {
+        if (model.gguf.n_tensors == 0) die("'%s' holds only a vocabulary (no tensors): only --tokenize works with it", o.model);
+        load_config(&model);
+        load_weights(&model);
+        n_ctx = o.n_ctx ? o.n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
+        if (n_ctx > c->n_ctx_train) die("-c %d exceeds the model's context length %d", n_ctx, c->n_ctx_train);
+    }
 
-    size_t text_len;
-    char *text = prompt_text(&o, &text_len);
-    int32_t *prompt;
-    int n_prompt;
-    if (tok_encode(&vocab.tok, text, text_len, 1, &prompt, &n_prompt)) die("out of memory tokenising the prompt");
+    size_t text_len = 0;
+    char *text = o.interactive && !o.prompt && !o.prompt_file ? NULL : prompt_text(&o, &text_len);
+    if (o.chat && !o.interactive) text = chat_prompt(&model.gguf, &vocab, &o, text, &text_len);
+    /* A token spells at most max_piece bytes and NFC shrinks text at most fourfold, so a prompt
+     * past this length cannot fit: refuse it before spending seconds and memory tokenising it. */
+    if (n_ctx && text_len / 4 / (size_t)vocab.tok.max_piece >= (size_t)n_ctx)
+        die("the prompt of %zu bytes cannot fit in a context of %d tokens (use a larger -c)", text_len, n_ctx);
+    int32_t *prompt = NULL;
+    int n_prompt = 0;
+    if (text && tok_encode(&vocab.tok, text, text_len, 1, &prompt, &n_prompt)) die("out of memory tokenising the prompt");
     if (o.tokenize_only) {
         for (int i = 0; i < n_prompt; i++) printf("%s%d", i ? " " : "", prompt[i]);
         printf("\n");
@@ -3159,13 +4284,7 @@ int main(int argc, char **argv) {
         model_free(&model);
         return 0;
     }
-    if (model.gguf.n_tensors == 0) die("'%s' holds only a vocabulary (no tensors): only --tokenize works with it", o.model);
-    load_config(&model);
-    load_weights(&model);
-    const Config *c = &model.cfg;
-    if (n_prompt == 0) die("the prompt is empty (0 tokens)");
-    int n_ctx = o.n_ctx ? o.n_ctx : (c->n_ctx_train < 4096 ? c->n_ctx_train : 4096);
-    if (n_ctx > c->n_ctx_train) die("-c %d exceeds the model's context length %d", n_ctx, c->n_ctx_train);
+    if (n_prompt == 0 && !o.interactive) die("the prompt is empty (0 tokens)");
     if (n_prompt >= n_ctx) die("the prompt has %d tokens but the context holds %d (use a larger -c)", n_prompt, n_ctx);
     int n_cpu = (int)sysconf(_SC_NPROCESSORS_ONLN);
     int n_threads = o.n_threads ? o.n_threads : physical_cores();
@@ -3173,7 +4292,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "mtp-gen: warning: -t %d is more than the %d CPUs; using %d\n", n_threads, n_cpu, n_cpu);
         n_threads = n_cpu;
     }
-    int use_mtp = o.mtp != 0 && c->n_mtp > 0;
+    int use_mtp = (o.mtp != 0 || o.interactive) && c->n_mtp > 0;   /* a chat keeps the head in step for /mtp on */
     if (o.spec.draft_vocab < 0) o.spec.draft_vocab = c->n_vocab > 65536 ? 32768 : 0;
     if (o.spec.draft_vocab == 0 || o.spec.draft_vocab > c->n_vocab) o.spec.draft_vocab = c->n_vocab;
     if (o.mtp == 1 && !c->n_mtp) fprintf(stderr, "mtp-gen: warning: --mtp asked, but this model has no MTP head: decoding without speculation\n");
@@ -3188,38 +4307,22 @@ int main(int argc, char **argv) {
     Gen g;
     gen_init(&g, &e, &smp, &o.spec, use_mtp, vocab.eog);
     g.ignore_eos = o.ignore_eos;
+    g.verbose = o.verbose;
     g.stop = &g_interrupted;
     g.st.load_ms = elapsed_since(t0);
     if (!o.quiet) {
         fprintf(stderr, "mtp-gen: %s: %s, %d layers, dim %d, vocab %d, %.2f GB, kernels %s, %d threads, ctx %d\n", o.model,
                 arch_names[c->arch], c->n_layer, c->dim, c->n_vocab, model.file.size / 1e9, kn_isa(), n_threads, n_ctx);
-        if (use_mtp)
+        if (use_mtp && o.mtp != 0)
             fprintf(stderr, "mtp-gen: MTP head found: speculative decoding on (%s %d draft%s per step%s)\n",
                     o.spec.adaptive ? "adaptive, up to" : "", o.spec.n_draft, o.spec.n_draft == 1 ? "" : "s",
                     o.spec.optimistic ? ", optimistic: output is not verified" : "");
     }
     signal(SIGINT, on_sigint);
-
-    FILE *logits = NULL;
-    if (o.logits_out && !(logits = fopen(o.logits_out, "wb"))) die("cannot open '%s': %s", o.logits_out, strerror(errno));
-    if (o.mtp_logits_out) {
-        if (!use_mtp) die("--mtp-logits-out needs a model with an MTP head and speculation on");
-        if (!(g.mtp_logits_out = fopen(o.mtp_logits_out, "wb"))) die("cannot open '%s': %s", o.mtp_logits_out, strerror(errno));
-    }
-    FILE *mtp_logits = g.mtp_logits_out;
-    if (o.display_prompt && !o.print_ids) {
-        out_write(text, text_len);
-        fflush(stdout);
-    }
-    Printer pr;
-    printer_init(&pr, &vocab, o.print_ids);
-    generate(&g, prompt, n_prompt, o.n_predict < 0 ? INT32_MAX : o.n_predict, logits, print_token, &pr);
-    printer_finish(&pr);
-    if (logits && fclose(logits)) die("cannot write '%s': %s", o.logits_out, strerror(errno));
-    if (mtp_logits && fclose(mtp_logits)) die("cannot write '%s': %s", o.mtp_logits_out, strerror(errno));
-    if (g_interrupted && !o.quiet) fprintf(stderr, "mtp-gen: interrupted\n");
-    if (!o.quiet) print_stats(&g, &model, use_mtp);
-    if (o.stats_json) write_stats_json(o.stats_json, &g, &model);
+    if (o.interactive)
+        repl_run(&g, &model, &vocab, &o, text);
+    else
+        run_once(&g, &model, &vocab, &o, text, text_len, prompt, n_prompt);
 
     gen_free(&g);
     sampler_free(&smp);
