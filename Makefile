@@ -24,12 +24,16 @@ endif
 SUFFIX ?=
 
 KERNEL_SRC := kernels/scalar.c kernels/avx2.c kernels/avx512.c kernels/neon.c
-HDRS := kernels/kernels.h $(wildcard tools/unicode_tables.h)
+HDRS := $(wildcard kernels/*.h) $(wildcard tools/unicode_tables.h)
 
 all: mtp-gen$(SUFFIX) mtp-convert$(SUFFIX) test_kernels$(SUFFIX) test_units$(SUFFIX)
 
-mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS)
-	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ mtp.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
+# the built-in default model (tools/train/README.md), embedded with .incbin when the GGUF is there
+DEFAULT_MODEL := $(wildcard tools/train/default-q8_0.gguf)
+MODEL_ASM := $(if $(DEFAULT_MODEL),tools/train/model.S)
+
+mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS) $(MODEL_ASM) $(DEFAULT_MODEL)
+	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ mtp.c $(KERNEL_SRC) $(MODEL_ASM) $(LDFLAGS) $(LDLIBS)
 
 mtp-convert$(SUFFIX): tools/convert.c
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tools/convert.c $(LDFLAGS) $(LDLIBS)
@@ -44,6 +48,10 @@ test_units$(SUFFIX): tests/test_units.c mtp.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -Wno-unused-function -o $@ tests/test_units.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
 
 ASAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
+# the AVX-512 kernels on a CPU without AVX-512: their intrinsics emulated in C (kernels/avx512_emu.h)
+test_kernels-emu512: tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
+	$(CC) -O1 -march=native -w -Wno-psabi -include kernels/avx512_emu.h -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDLIBS)
+
 asan:
 	$(MAKE) mtp-gen-asan test_kernels-asan test_units-asan SUFFIX=-asan CFLAGS="$(ASAN_FLAGS)"
 

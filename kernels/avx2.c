@@ -1,15 +1,442 @@
-/* avx2.c - kernels for x86-64 with AVX2, FMA and F16C. */
+/* avx2.c - kernels for x86-64 with AVX2, FMA and F16C.
+ *
+ * Quantised weights meet int8 activations in vpmaddubsw, which multiplies
+ * unsigned by signed bytes.  Formats whose quants are unsigned (q4_1, q5_1
+ * and the K-quants, whose offsets are folded in through the activation
+ * block sums) go in as they are; the signed ones (q8_0, q4_0, q5_0) go in as
+ * |w| against sign(x, w), which is why activations stop at -127.
+ *
+ * Speculative verification dots K+1 activation rows with the same weights,
+ * so each kernel decodes a weight block once and then walks the rows.  The
+ * row count is a compile-time constant in each instantiation (KN_ROW_FNS), so
+ * per-row accumulators stay in registers, and every row runs the very same
+ * instruction sequence whatever nr is: the determinism contract holds by
+ * construction, not by care.
+ *
+ * The AVX-512 build compiles this file too and calls kn_avx2_matmul for the
+ * formats it does not widen.
+ */
 #include "kn_impl.h"
 
 #ifdef KN_BUILD_AVX2
 #include <immintrin.h>
+#include <math.h>
+
+/* ==== Helpers ==== */
+
+static inline float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float h2f(const uint8_t *p) { return _cvtsh_ss(kn_rd16(p)); }
+static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline __m128i load16(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
+static inline __m128i load8(const void *p) { return _mm_loadl_epi64((const __m128i *)p); }
+static inline __m256i bytes(int v) { return _mm256_set1_epi8((char)v); }
+
+/* Unsigned bytes u times signed bytes s, summed in fours into int32 lanes.
+ * The int16 middle step cannot saturate: u <= 63 or (u <= 128, |s| <= 127). */
+static inline __m256i dot_us(__m256i u, __m256i s)
+{
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+/* The same, each int16 pair sum weighted by the int16 in sc before pairing. */
+static inline __m256i dot_us_scaled(__m256i u, __m256i s, __m256i sc)
+{
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), sc);
+}
+
+/* both: eight int16 repeated in both 128-bit lanes.  Result: the low lane
+ * filled with element e0, the high lane with element e1. */
+KN_INLINE __m256i pick16(__m256i both, int e0, int e1)
+{
+    __m128i m0 = _mm_set1_epi16((short)(2 * e0 | (2 * e0 + 1) << 8));
+    __m128i m1 = _mm_set1_epi16((short)(2 * e1 | (2 * e1 + 1) << 8));
+    return _mm256_shuffle_epi8(both, _mm256_set_m128i(m1, m0));
+}
+
+/* 32 bits to 32 bytes, 0xff where the bit is set. */
+static inline __m256i bits_to_bytes(uint32_t x)
+{
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201ll);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), spread);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* ==== Legacy formats: q8_0, q4_0, q4_1, q5_0, q5_1 ==== */
+
+static inline int legacy_bytes(int t)
+{
+    return t == KN_Q8_0 ? KN_Q8_0_BYTES : t == KN_Q4_0 ? KN_Q4_0_BYTES : t == KN_Q4_1 ? KN_Q4_1_BYTES
+         : t == KN_Q5_0 ? KN_Q5_0_BYTES : KN_Q5_1_BYTES;
+}
+
+/* The 32 quants of a block in element order: signed (offset removed) for
+ * the formats without a min, unsigned for q4_1/q5_1. */
+KN_INLINE __m256i legacy_quants(const uint8_t *b, int t)
+{
+    if (t == KN_Q8_0) return load32(b + 2);
+    int has_m = t == KN_Q4_1 || t == KN_Q5_1, has_h = t == KN_Q5_0 || t == KN_Q5_1;
+    __m128i qs = load16(b + legacy_bytes(t) - 16);
+    __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), bytes(15));
+    if (has_h) q = _mm256_or_si256(q, _mm256_and_si256(bits_to_bytes(kn_rd32(b + 2 + 2 * has_m)), bytes(16)));
+    return has_m ? q : _mm256_sub_epi8(q, bytes(has_h ? 16 : 8));
+}
+
+/* One block against one activation block, as 8 float partial sums. */
+KN_INLINE __m256 legacy_dot(__m256i q, __m256i u, const int8_t *x, int has_m)
+{
+    __m256i xv = load32(x);
+    return _mm256_cvtepi32_ps(dot_us(u, has_m ? xv : _mm256_sign_epi8(xv, q)));
+}
+
+/* Blocks go in pairs so the accumulator sees one add per pair: the pair's
+ * own multiply chain runs beside the previous pair's add.  The activation
+ * scale comes in as a broadcast load and the weight scale is broadcast once
+ * for all rows, which leaves no scalar work per row.  Every step is an
+ * explicit mul, fma or add, leaving the compiler nothing to contract
+ * differently from one row-count instantiation to another. */
+KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
+{
+    const int bb = legacy_bytes(t), has_m = t == KN_Q4_1 || t == KN_Q5_1;
+    const int64_t nb = n / KN_QK;
+    __m256 acc[KN_MAX_ROWS], accv[KN_MAX_ROWS];
+    float accm[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = accv[r] = _mm256_setzero_ps(), accm[r] = 0.0f;
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
+        __m256i q0 = legacy_quants(b0, t), q1 = legacy_quants(b1, t);
+        __m256i u0 = has_m ? q0 : _mm256_sign_epi8(q0, q0), u1 = has_m ? q1 : _mm256_sign_epi8(q1, q1);
+        __m256 d0 = _mm256_set1_ps(h2f(b0)), d1 = _mm256_set1_ps(h2f(b1));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            const int8_t *x = a[r].q + b * KN_QK;
+            __m256 s0 = _mm256_mul_ps(legacy_dot(q0, u0, x, has_m), _mm256_broadcast_ss(a[r].d + b));
+            __m256 s1 = _mm256_mul_ps(legacy_dot(q1, u1, x + KN_QK, has_m), _mm256_broadcast_ss(a[r].d + b + 1));
+            acc[r] = _mm256_add_ps(acc[r], _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(s0, d0)));
+        }
+    }
+    if (b < nb) {
+        const uint8_t *b0 = w + b * bb;
+        __m256i q0 = legacy_quants(b0, t), u0 = has_m ? q0 : _mm256_sign_epi8(q0, q0);
+        __m256 d0 = _mm256_set1_ps(h2f(b0));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m256 s0 = _mm256_mul_ps(legacy_dot(q0, u0, a[r].q + b * KN_QK, has_m), _mm256_broadcast_ss(a[r].d + b));
+            acc[r] = _mm256_fmadd_ps(s0, d0, acc[r]);
+        }
+    }
+    /* q4_1/q5_1: each min times its activation block's sum, eight blocks
+     * to a vector so no scalar latency chain runs through the row */
+    for (b = 0; has_m && b + 8 <= nb; b += 8) {
+        uint16_t mh[8];
+        for (int k = 0; k < 8; k++) mh[k] = kn_rd16(w + (b + k) * bb + 2);
+        __m256 m = _mm256_cvtph_ps(load16(mh));
+        KN_UNROLL for (int r = 0; r < NR; r++) accv[r] = _mm256_fmadd_ps(m, _mm256_loadu_ps(a[r].s + b), accv[r]);
+    }
+    for (; has_m && b < nb; b++) {
+        float m = h2f(w + b * bb + 2);
+        KN_UNROLL for (int r = 0; r < NR; r++) accm[r] = fmaf(m, a[r].s[b], accm[r]);
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) out[r] = hsum8(acc[r]) + (hsum8(accv[r]) + accm[r]);
+}
+
+/* ==== K-quants ====
+ * Per super-block and row, the sub-block dots weighted by their integer
+ * scales are summed in int32 and converted once.  The loops run sub-block
+ * outer, row inner: one decoded sub-block and its scale vector are live at
+ * a time next to the nr int32 sums, which keeps everything in registers. */
+
+/* q4_K and q5_K: the mins meet the activation's 16-element sums, a pair of
+ * which covers a 32-element sub-block. */
+KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
+{
+    const int bb = t == KN_Q4_K ? KN_Q4_K_BYTES : KN_Q5_K_BYTES, has_h = t == KN_Q5_K;
+    __m256 acc[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QKK; b++) {
+        const uint8_t *blk = w + b * bb, *qs = blk + bb - 128;
+        uint8_t sc[8], mn[8];
+        kn_k4_scales(blk + 4, sc, mn);
+        __m256i sc2 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(load8(sc)));
+        __m256i hb = has_h ? load32(blk + 16) : _mm256_setzero_si256();
+        __m256i s[KN_MAX_ROWS];
+        KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm256_setzero_si256();
+        KN_UNROLL for (int g = 0; g < 4; g++) {
+            __m256i raw = load32(qs + 32 * g);
+            __m256i q0 = _mm256_and_si256(raw, bytes(15));
+            __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), bytes(15));
+            if (has_h) {
+                __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), bytes(1));
+                __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * g + 1), bytes(1));
+                q0 = _mm256_or_si256(q0, _mm256_slli_epi16(h0, 4));
+                q1 = _mm256_or_si256(q1, _mm256_slli_epi16(h1, 4));
+            }
+            __m256i sv0 = pick16(sc2, 2 * g, 2 * g), sv1 = pick16(sc2, 2 * g + 1, 2 * g + 1);
+            KN_UNROLL for (int r = 0; r < NR; r++) {
+                const int8_t *x = a[r].q + b * KN_QKK + 64 * g;
+                s[r] = _mm256_add_epi32(s[r], _mm256_add_epi32(dot_us_scaled(q0, load32(x), sv0),
+                                                               dot_us_scaled(q1, load32(x + 32), sv1)));
+                KN_KEEP(s[r]);
+            }
+        }
+        /* acc += da * (d * sum - dmin * mins): the weight scales are
+         * broadcast once per block, the activation scale once per row */
+        __m256 d = _mm256_set1_ps(h2f(blk)), dmin = _mm256_set1_ps(h2f(blk + 2));
+        __m128i m8 = _mm_cvtepu8_epi16(load8(mn));
+        __m256i mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m256i mp = _mm256_madd_epi16(load32(a[r].bsum + 16 * b), mdup);
+            __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(s[r]), d, _mm256_mul_ps(_mm256_cvtepi32_ps(mp), dmin));
+            acc[r] = _mm256_fmadd_ps(v, _mm256_broadcast_ss(a[r].d + b), acc[r]);
+        }
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) out[r] = hsum8(acc[r]);
+}
+
+/* q6_K: quants decoded unsigned (0..63); the -32 comes back as 32 times the
+ * sum over sub-blocks of scale * activation sum.  A 32-byte chunk spans two
+ * 16-element sub-blocks, so its scale vector holds one per 128-bit lane. */
+KN_INLINE void q6k_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int NR)
+{
+    const __m256i lo = bytes(15), top = bytes(0x30);
+    __m256 acc[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QKK; b++) {
+        const uint8_t *blk = w + b * KN_Q6_K_BYTES, *sc = blk + 192;
+        __m256i s[KN_MAX_ROWS];
+        KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm256_setzero_si256();
+        KN_UNROLL for (int h = 0; h < 2; h++) {
+            __m256i l0 = load32(blk + 64 * h), l1 = load32(blk + 64 * h + 32), hh = load32(blk + 128 + 32 * h);
+            __m256i s8 = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(load8(sc + 8 * h)));
+            KN_UNROLL for (int k = 0; k < 4; k++) {
+                __m256i l = k & 1 ? l1 : l0;
+                __m256i ql = _mm256_and_si256(k < 2 ? l : _mm256_srli_epi16(l, 4), lo);
+                __m256i qh = k == 0 ? _mm256_slli_epi16(hh, 4) : k == 1 ? _mm256_slli_epi16(hh, 2)
+                           : k == 2 ? hh : _mm256_srli_epi16(hh, 2);
+                __m256i q = _mm256_or_si256(ql, _mm256_and_si256(qh, top));
+                __m256i sv = pick16(s8, 2 * k, 2 * k + 1);
+                KN_UNROLL for (int r = 0; r < NR; r++) {
+                    s[r] = _mm256_add_epi32(s[r], dot_us_scaled(q, load32(a[r].q + b * KN_QKK + 128 * h + 32 * k), sv));
+                    KN_KEEP(s[r]);
+                }
+            }
+        }
+        float d = h2f(blk + 208);
+        __m256i sc16 = _mm256_cvtepi8_epi16(load16(sc));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m256i off = _mm256_madd_epi16(load32(a[r].bsum + 16 * b), sc16);
+            __m256i sr = _mm256_sub_epi32(s[r], _mm256_slli_epi32(off, 5));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sr), _mm256_set1_ps(d * a[r].d[b]), acc[r]);
+        }
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) out[r] = hsum8(acc[r]);
+}
+
+/* ==== Float weights: f32, f16, bf16 against f32 activations ==== */
+
+KN_INLINE __m256 float8(const uint8_t *w, int64_t j, int t)
+{
+    if (t == KN_F32) return _mm256_loadu_ps((const float *)w + j);
+    __m128i h = load16(w + 2 * j);
+    if (t == KN_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+KN_INLINE float float1(const uint8_t *w, int64_t j, int t)
+{
+    if (t == KN_F32) return ((const float *)w)[j];
+    return t == KN_F16 ? h2f(w + 2 * j) : kn_bf16_f32(kn_rd16(w + 2 * j));
+}
+
+/* Two accumulators per row hide the FMA latency when nr is 1. */
+KN_INLINE void float_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
+{
+    __m256 acc0[KN_MAX_ROWS], acc1[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256 w0 = float8(w, j, t), w1 = float8(w, j + 8, t);
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a[r].x + j), acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(a[r].x + j + 8), acc1[r]);
+        }
+    }
+    if (j + 8 <= n) {
+        __m256 w0 = float8(w, j, t);
+        KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(a[r].x + j), acc0[r]);
+        j += 8;
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) {
+        float tail = 0.0f;
+        for (int64_t k = j; k < n; k++) tail = fmaf(float1(w, k, t), a[r].x[k], tail);
+        out[r] = hsum8(_mm256_add_ps(acc0[r], acc1[r])) + tail;
+    }
+}
+
+/* ==== Instantiation per format and row count ==== */
+
+KN_ROW_FNS(rows_f32, float_row, KN_F32,)
+KN_ROW_FNS(rows_f16, float_row, KN_F16,)
+KN_ROW_FNS(rows_bf16, float_row, KN_BF16,)
+KN_ROW_FNS(rows_q8_0, legacy_row, KN_Q8_0,)
+KN_ROW_FNS(rows_q4_0, legacy_row, KN_Q4_0,)
+KN_ROW_FNS(rows_q4_1, legacy_row, KN_Q4_1,)
+KN_ROW_FNS(rows_q5_0, legacy_row, KN_Q5_0,)
+KN_ROW_FNS(rows_q5_1, legacy_row, KN_Q5_1,)
+KN_ROW_FNS(rows_q4_K, k45_row, KN_Q4_K,)
+KN_ROW_FNS(rows_q5_K, k45_row, KN_Q5_K,)
+KN_ROW_FNS(rows_q6_K, q6k_row,)
+
+static const kn_row_fn *rows_for(int t)
+{
+    switch (t) {
+    case KN_F32: return rows_f32;
+    case KN_F16: return rows_f16;
+    case KN_BF16: return rows_bf16;
+    case KN_Q8_0: return rows_q8_0;
+    case KN_Q4_0: return rows_q4_0;
+    case KN_Q4_1: return rows_q4_1;
+    case KN_Q5_0: return rows_q5_0;
+    case KN_Q5_1: return rows_q5_1;
+    case KN_Q4_K: return rows_q4_K;
+    case KN_Q5_K: return rows_q5_K;
+    case KN_Q6_K: return rows_q6_K;
+    default: return NULL;
+    }
+}
 
 void kn_avx2_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                     const void *act, size_t act_stride, int nr, float *y, int64_t y_stride)
 {
-    kn_sc_matmul(wtype, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
+    kn_matmul_rows(rows_for(wtype), w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
+}
+
+/* ==== Vector ops ==== */
+
+float kn_avx2_dot(const float *a, const float *b, int64_t n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float tail = 0.0f;
+    for (; i < n; i++) tail += a[i] * b[i];
+    return hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3))) + tail;
+}
+
+void kn_avx2_axpy(float *y, float a, const float *x, int64_t n)
+{
+    __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+void kn_avx2_scale(float *y, float a, int64_t n)
+{
+    __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(av, _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] *= a;
+}
+
+void kn_avx2_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps)
+{
+    float r = 1.0f / sqrtf(kn_avx2_dot(x, x, n) / (float)n + eps);
+    __m256 rv = _mm256_set1_ps(r);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), rv);
+        _mm256_storeu_ps(out + i, w ? _mm256_mul_ps(v, _mm256_loadu_ps(w + i)) : v);
+    }
+    for (; i < n; i++) out[i] = w ? x[i] * r * w[i] : x[i] * r;
+}
+
+/* e^x for x in [-87, 88] (clamped outside): x = n ln2 + r with |r| <= ln2/2,
+ * e^r by its degree-7 Taylor polynomial (truncation < 6e-9), 2^n into the
+ * exponent field. */
+static inline __m256 exp8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693145752f), x);      /* ln2 split: hi + lo */
+    r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(1.42860677e-6f), r);
+    static const float c[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m256 p = _mm256_set1_ps(c[0]);
+    for (int k = 1; k < 8; k++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[k]));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n)
+{
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+    kn_sc_swiglu(out + i, gate + i, up + i, n - i);
+}
+
+/* The two-pass form of kn_sc_delta_step, on strips of 32 columns: kS and qS
+ * for a strip are 8 registers carried down all dk rows. */
+KN_INLINE void delta_strip(float *S, const float *q, const float *k, const float *v, float decay,
+                           float beta, float qk, float *out, int dk, int dv, int c0, int NV)
+{
+    __m256 ks[4], qs[4], d[4];
+    KN_UNROLL for (int u = 0; u < NV; u++) ks[u] = qs[u] = _mm256_setzero_ps();
+    for (int j = 0; j < dk; j++) {
+        const float *row = S + (size_t)j * dv + c0;
+        __m256 kj = _mm256_set1_ps(k[j]), qj = _mm256_set1_ps(q[j]);
+        KN_UNROLL for (int u = 0; u < NV; u++) {
+            __m256 s = _mm256_loadu_ps(row + 8 * u);
+            ks[u] = _mm256_fmadd_ps(kj, s, ks[u]);
+            qs[u] = _mm256_fmadd_ps(qj, s, qs[u]);
+        }
+    }
+    __m256 dec = _mm256_set1_ps(decay);
+    KN_UNROLL for (int u = 0; u < NV; u++) {
+        __m256 kv = _mm256_mul_ps(dec, ks[u]);
+        d[u] = _mm256_mul_ps(_mm256_set1_ps(beta), _mm256_sub_ps(_mm256_loadu_ps(v + c0 + 8 * u), kv));
+        _mm256_storeu_ps(out + c0 + 8 * u, _mm256_fmadd_ps(_mm256_set1_ps(qk), d[u], _mm256_mul_ps(dec, qs[u])));
+    }
+    for (int j = 0; j < dk; j++) {
+        float *row = S + (size_t)j * dv + c0;
+        __m256 kj = _mm256_set1_ps(k[j]);
+        KN_UNROLL for (int u = 0; u < NV; u++)
+            _mm256_storeu_ps(row + 8 * u, _mm256_fmadd_ps(dec, _mm256_loadu_ps(row + 8 * u), _mm256_mul_ps(kj, d[u])));
+    }
+}
+
+void kn_avx2_delta_step(float *S, const float *q, const float *k, const float *v,
+                        float decay, float beta, float *out, int dk, int dv)
+{
+    if (dv % 8) {
+        kn_sc_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+        return;
+    }
+    float qk = kn_avx2_dot(q, k, dk);
+    int c0 = 0;
+    for (; c0 + 32 <= dv; c0 += 32) delta_strip(S, q, k, v, decay, beta, qk, out, dk, dv, c0, 4);
+    for (; c0 < dv; c0 += 8) delta_strip(S, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
 #endif
+
+/* ==== Public entry points of the AVX2 build ==== */
 
 #ifdef KN_ISA_AVX2
 void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
@@ -18,15 +445,15 @@ void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64
     kn_avx2_matmul(wtype, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
 }
 
-float kn_dot(const float *a, const float *b, int64_t n) { return kn_sc_dot(a, b, n); }
-void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_sc_axpy(y, a, x, n); }
-void  kn_scale(float *y, float a, int64_t n) { kn_sc_scale(y, a, n); }
-void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_sc_rmsnorm(out, x, w, n, eps); }
-void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_sc_swiglu(out, gate, up, n); }
+float kn_dot(const float *a, const float *b, int64_t n) { return kn_avx2_dot(a, b, n); }
+void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_avx2_axpy(y, a, x, n); }
+void  kn_scale(float *y, float a, int64_t n) { kn_avx2_scale(y, a, n); }
+void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_avx2_rmsnorm(out, x, w, n, eps); }
+void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
 
 void kn_delta_step(float *S, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
-    kn_sc_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+    kn_avx2_delta_step(S, q, k, v, decay, beta, out, dk, dv);
 }
 #endif

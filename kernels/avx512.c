@@ -1,22 +1,267 @@
-/* avx512.c - kernels for x86-64 with AVX-512 F, BW and VL. */
+/* avx512.c - kernels for x86-64 with AVX-512 F, BW and VL (and VNNI when
+ * the target has it).
+ *
+ * Only the formats that carry most of a model's bytes are widened: q8_0,
+ * the K-quants and the float types.  Everything else, and the vector ops
+ * (short, memory-bound), use the AVX2 kernels, which this build compiles too.
+ *
+ * The int8 dots follow avx2.c, 64 bytes at a time.  AVX-512 has no vpsignb,
+ * so q8_0's signed weights meet the activations as |w| against x negated
+ * under the mask of negative w.  With VNNI, vpdpbusd and vpdpwssd fold the
+ * widening multiply-adds and the accumulation into one instruction.
+ *
+ * This file has been compiled (-march=icelake-server, sapphirerapids) but
+ * never run by its author: the development machine has no AVX-512.  Run
+ * ./test_kernels on an AVX-512 machine before trusting it.
+ */
 #include "kn_impl.h"
 
 #ifdef KN_ISA_AVX512
+#include <immintrin.h>
+#include <math.h>
+
+/* ==== Helpers ==== */
+
+static inline __m512i load64(const void *p) { return _mm512_loadu_si512(p); }
+static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline __m512i bytes(int v) { return _mm512_set1_epi8((char)v); }
+static inline float h2f(const uint8_t *p) { return _cvtsh_ss(kn_rd16(p)); }
+
+static inline __m512i join(__m256i lo, __m256i hi)
+{
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+/* Unsigned bytes u times signed bytes s, summed in fours into int32 lanes
+ * and added to acc. */
+static inline __m512i dot_us(__m512i acc, __m512i u, __m512i s)
+{
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, s);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+/* The same with each int16 pair sum weighted by the int16 in sc. */
+static inline __m512i dot_us_scaled(__m512i acc, __m512i u, __m512i s, __m512i sc)
+{
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, s), sc);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), sc));
+#endif
+}
+
+/* Int16 lanes 0-15 all element e0 of v, lanes 16-31 all element e1. */
+KN_INLINE __m512i pick16x2(__m512i v, int e0, int e1)
+{
+    return _mm512_permutexvar_epi16(_mm512_set_epi32(e1 * 0x10001, e1 * 0x10001, e1 * 0x10001, e1 * 0x10001,
+                                                     e1 * 0x10001, e1 * 0x10001, e1 * 0x10001, e1 * 0x10001,
+                                                     e0 * 0x10001, e0 * 0x10001, e0 * 0x10001, e0 * 0x10001,
+                                                     e0 * 0x10001, e0 * 0x10001, e0 * 0x10001, e0 * 0x10001), v);
+}
+
+/* Int16 lanes 8k..8k+7 all element e+k of v, k = 0..3. */
+KN_INLINE __m512i pick16x4(__m512i v, int e)
+{
+    int a = e * 0x10001, b = (e + 1) * 0x10001, c = (e + 2) * 0x10001, d = (e + 3) * 0x10001;
+    return _mm512_permutexvar_epi16(_mm512_set_epi32(d, d, d, d, c, c, c, c, b, b, b, b, a, a, a, a), v);
+}
+
+/* ==== q8_0 ====
+ * Two blocks per register.  A lone last block goes through the same code
+ * with the second half masked to zero. */
+KN_INLINE void q8_0_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int NR)
+{
+    const int64_t nb = n / KN_QK;
+    const __m512i dup2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 2) {
+        const int two = b + 1 < nb;
+        const __mmask64 keep = two ? ~(__mmask64)0 : 0xffffffffu;
+        const uint8_t *b0 = w + b * KN_Q8_0_BYTES, *b1 = b0 + KN_Q8_0_BYTES;
+        __m512i q = join(load32(b0 + 2), two ? load32(b1 + 2) : _mm256_setzero_si256());
+        __m512i u = _mm512_abs_epi8(q);
+        __mmask64 neg = _mm512_movepi8_mask(q);
+        uint32_t dh = kn_rd16(b0) | (two ? (uint32_t)kn_rd16(b1) << 16 : 0);
+        __m512 dw = _mm512_permutexvar_ps(dup2, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128((int)dh))));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m512i x = _mm512_maskz_loadu_epi8(keep, a[r].q + b * KN_QK);
+            __m512i sx = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+            __m512i p = dot_us(_mm512_setzero_si512(), u, sx);
+            __m512 da = _mm512_permutexvar_ps(dup2, _mm512_castps128_ps512(_mm_maskz_loadu_ps(two ? 3 : 1, a[r].d + b)));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, da), acc[r]);
+        }
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* ==== K-quants ==== */
+
+/* q4_K and q5_K: one register is a 64-element group, sub-blocks 2g and 2g+1. */
+KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
+{
+    const int bb = t == KN_Q4_K ? KN_Q4_K_BYTES : KN_Q5_K_BYTES, has_h = t == KN_Q5_K;
+    __m512 acc[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QKK; b++) {
+        const uint8_t *blk = w + b * bb, *qs = blk + bb - 128;
+        uint8_t sc[8], mn[8];
+        kn_k4_scales(blk + 4, sc, mn);
+        __m512i sc8 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
+        __m512i hb = has_h ? _mm512_broadcast_i64x4(load32(blk + 16)) : _mm512_setzero_si512();
+        __m512i s[KN_MAX_ROWS];
+        KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm512_setzero_si512();
+        KN_UNROLL for (int g = 0; g < 4; g++) {
+            __m256i raw = load32(qs + 32 * g);
+            __m512i q = _mm512_and_si512(join(raw, _mm256_srli_epi16(raw, 4)), bytes(15));
+            if (has_h) {
+                __m512i bit = join(_mm256_set1_epi8((char)(1 << 2 * g)), _mm256_set1_epi8((char)(2 << 2 * g)));
+                q = _mm512_or_si512(q, _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(hb, bit), bytes(16)));
+            }
+            __m512i scv = pick16x2(sc8, 2 * g, 2 * g + 1);
+            KN_UNROLL for (int r = 0; r < NR; r++) {
+                s[r] = dot_us_scaled(s[r], q, load64(a[r].q + b * KN_QKK + 64 * g), scv);
+                KN_KEEP(s[r]);
+            }
+        }
+        /* acc += da * (d * sum - dmin * mins), as in avx2.c */
+        __m512 d = _mm512_set1_ps(h2f(blk)), dmin = _mm512_set1_ps(h2f(blk + 2));
+        __m128i m8 = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn));
+        __m256i mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m8, m8), _mm_unpacklo_epi16(m8, m8));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m256i mp = _mm256_madd_epi16(load32(a[r].bsum + 16 * b), mdup);
+            __m512 m = _mm512_mul_ps(_mm512_cvtepi32_ps(join(mp, _mm256_setzero_si256())), dmin);
+            __m512 v = _mm512_fmsub_ps(_mm512_cvtepi32_ps(s[r]), d, m);
+            acc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(a[r].d[b]), acc[r]);
+        }
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* q6_K: per 128-element half, one register holds chunks 0-1 (low nibbles)
+ * and one chunks 2-3 (high nibbles); the two bit pairs each chunk takes
+ * from qh are moved into place by per-64-bit-lane shifts, the bytes they
+ * cross into being masked off.  -32 returns through the activation sums. */
+KN_INLINE void q6k_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int NR)
+{
+    const __m512i lo = bytes(15), top = bytes(0x30);
+    const __m512i shl = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), shr = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    __m512 acc[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QKK; b++) {
+        const uint8_t *blk = w + b * KN_Q6_K_BYTES, *sc = blk + 192;
+        __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
+        __m512i s[KN_MAX_ROWS];
+        KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm512_setzero_si512();
+        KN_UNROLL for (int h = 0; h < 2; h++) {
+            __m512i l = load64(blk + 64 * h), hh = _mm512_broadcast_i64x4(load32(blk + 128 + 32 * h));
+            __m512i q[2] = {
+                _mm512_or_si512(_mm512_and_si512(l, lo), _mm512_and_si512(_mm512_sllv_epi64(hh, shl), top)),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), lo), _mm512_and_si512(_mm512_srlv_epi64(hh, shr), top)),
+            };
+            KN_UNROLL for (int k = 0; k < 2; k++) {
+                __m512i scv = pick16x4(sc16, 8 * h + 4 * k);
+                KN_UNROLL for (int r = 0; r < NR; r++) {
+                    s[r] = dot_us_scaled(s[r], q[k], load64(a[r].q + b * KN_QKK + 128 * h + 64 * k), scv);
+                    KN_KEEP(s[r]);
+                }
+            }
+        }
+        float d = h2f(blk + 208);
+        __m256i sc16y = _mm512_castsi512_si256(sc16);
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(load32(a[r].bsum + 16 * b), sc16y), 5);
+            __m512i sr = _mm512_sub_epi32(s[r], join(off, _mm256_setzero_si256()));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr), _mm512_set1_ps(d * a[r].d[b]), acc[r]);
+        }
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+/* ==== Float weights ==== */
+
+KN_INLINE __m512 float16x(const uint8_t *w, int64_t j, int t)
+{
+    if (t == KN_F32) return _mm512_loadu_ps((const float *)w + j);
+    __m256i h = load32(w + 2 * j);
+    if (t == KN_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+KN_INLINE float float1(const uint8_t *w, int64_t j, int t)
+{
+    if (t == KN_F32) return ((const float *)w)[j];
+    return t == KN_F16 ? h2f(w + 2 * j) : kn_bf16_f32(kn_rd16(w + 2 * j));
+}
+
+KN_INLINE void float_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
+{
+    __m512 acc0[KN_MAX_ROWS], acc1[KN_MAX_ROWS];
+    KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {
+        __m512 w0 = float16x(w, j, t), w1 = float16x(w, j + 16, t);
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a[r].x + j), acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(a[r].x + j + 16), acc1[r]);
+        }
+    }
+    if (j + 16 <= n) {
+        __m512 w0 = float16x(w, j, t);
+        KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(a[r].x + j), acc0[r]);
+        j += 16;
+    }
+    KN_UNROLL for (int r = 0; r < NR; r++) {
+        float tail = 0.0f;
+        for (int64_t k = j; k < n; k++) tail = fmaf(float1(w, k, t), a[r].x[k], tail);
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + tail;
+    }
+}
+
+/* ==== Instantiation and public entry points ==== */
+
+KN_ROW_FNS(rows_f32, float_row, KN_F32,)
+KN_ROW_FNS(rows_f16, float_row, KN_F16,)
+KN_ROW_FNS(rows_bf16, float_row, KN_BF16,)
+KN_ROW_FNS(rows_q8_0, q8_0_row,)
+KN_ROW_FNS(rows_q4_K, k45_row, KN_Q4_K,)
+KN_ROW_FNS(rows_q5_K, k45_row, KN_Q5_K,)
+KN_ROW_FNS(rows_q6_K, q6k_row,)
+
+static const kn_row_fn *rows_for(int t)
+{
+    switch (t) {
+    case KN_F32: return rows_f32;
+    case KN_F16: return rows_f16;
+    case KN_BF16: return rows_bf16;
+    case KN_Q8_0: return rows_q8_0;
+    case KN_Q4_K: return rows_q4_K;
+    case KN_Q5_K: return rows_q5_K;
+    case KN_Q6_K: return rows_q6_K;
+    default: return NULL;
+    }
+}
+
 void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                const void *act, size_t act_stride, int nr, float *y, int64_t y_stride)
 {
-    kn_avx2_matmul(wtype, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
+    const kn_row_fn *fns = rows_for(wtype);
+    if (fns) kn_matmul_rows(fns, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
+    else kn_avx2_matmul(wtype, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
 }
 
-float kn_dot(const float *a, const float *b, int64_t n) { return kn_sc_dot(a, b, n); }
-void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_sc_axpy(y, a, x, n); }
-void  kn_scale(float *y, float a, int64_t n) { kn_sc_scale(y, a, n); }
-void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_sc_rmsnorm(out, x, w, n, eps); }
-void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_sc_swiglu(out, gate, up, n); }
+float kn_dot(const float *a, const float *b, int64_t n) { return kn_avx2_dot(a, b, n); }
+void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_avx2_axpy(y, a, x, n); }
+void  kn_scale(float *y, float a, int64_t n) { kn_avx2_scale(y, a, n); }
+void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_avx2_rmsnorm(out, x, w, n, eps); }
+void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
 
 void kn_delta_step(float *S, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
-    kn_sc_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+    kn_avx2_delta_step(S, q, k, v, decay, beta, out, dk, dv);
 }
 #endif

@@ -1,11 +1,12 @@
 /* kn_impl.h - what the kernel files share and the model code never sees.
  *
- * Three things live here so that each is written exactly once:
+ * What lives here is written exactly once:
  *   - which instruction set this build's kernels target (KN_ISA_*), decided
  *     from the compiler's target macros, so every kernel file agrees;
  *   - the ggml block layouts and the half/bfloat conversions;
  *   - the layout of prepared activation rows, which kn_act_prepare (always
- *     the portable one in scalar.c) writes and every matmul kernel reads.
+ *     the portable one in scalar.c) writes and every matmul kernel reads;
+ *   - the multi-row scaffolding the SIMD matmuls are instantiated with.
  */
 #ifndef KN_IMPL_H
 #define KN_IMPL_H
@@ -120,6 +121,66 @@ static inline const int16_t *kn_act_bsum(const void *act, int64_t n)
     return (const int16_t *)(kn_act_d(act, n) + n / KN_QKK);
 }
 
+/* ==== Scaffolding for the SIMD matmuls ====
+ * Each SIMD file writes one row kernel per format family: one weight row
+ * against NR activation rows, NR a compile-time constant.  KN_ROW_FNS
+ * instantiates it for NR = 1..8 so per-row accumulators live in registers
+ * and every row runs the same instruction sequence whatever nr is (the
+ * determinism contract); kn_matmul_rows walks the output rows. */
+
+typedef struct {
+    const int8_t *q;           /* quantised: int8 values */
+    const float *x, *d, *s;    /* float rows; block scales; legacy block sums */
+    const int16_t *bsum;       /* K-quant 16-element sums */
+} kn_arow;
+
+typedef void (*kn_row_fn)(const uint8_t *w, int64_t n, const kn_arow *a, float *out);
+
+#define KN_UNROLL _Pragma("GCC unroll 8")
+
+/* An empty asm that claims to change v.  Integer adds are associative, so
+ * GCC rebuilds a running int32 sum as a tree over all its products, which
+ * keeps them all live at once and spills them; pinning the running sum
+ * after each step keeps the loop as written. */
+#if defined(__aarch64__)
+#define KN_KEEP(v) __asm__("" : "+w"(v))
+#elif defined(KN_EMULATE_AVX512)        /* avx512_emu.h: no register holds 512 bits */
+#define KN_KEEP(v) __asm__("" : "+m"(v))
+#else
+#define KN_KEEP(v) __asm__("" : "+x"(v))
+#endif
+
+#define KN_ROW_FN(name, call, nr) \
+    static void name##_##nr(const uint8_t *w, int64_t n, const kn_arow *a, float *out) { call; }
+#define KN_ROW_FNS(name, kernel, ...)                                                    \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 1), 1)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 2), 2)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 3), 3)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 4), 4)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 5), 5)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 6), 6)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 7), 7)                             \
+    KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 8), 8)                             \
+    static const kn_row_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
+                                                name##_5, name##_6, name##_7, name##_8};
+
+static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_row_bytes, int64_t n_in,
+                                  int64_t i0, int64_t i1, const void *act, size_t act_stride, int nr,
+                                  float *y, int64_t y_stride)
+{
+    kn_arow a[KN_MAX_ROWS];
+    for (int r = 0; r < nr; r++) {
+        const uint8_t *p = (const uint8_t *)act + (size_t)r * act_stride;
+        a[r] = (kn_arow){(const int8_t *)p, (const float *)p, kn_act_d(p, n_in), kn_act_s(p, n_in),
+                         kn_act_bsum(p, n_in)};
+    }
+    for (int64_t i = i0; i < i1; i++) {
+        float o[KN_MAX_ROWS];
+        fns[nr - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a, o);
+        for (int r = 0; r < nr; r++) y[(size_t)r * y_stride + i] = o[r];
+    }
+}
+
 /* ==== Portable kernels, always compiled (scalar.c) ====
  * The SIMD files fall back to these for anything they do not accelerate. */
 
@@ -133,9 +194,17 @@ void  kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n);
 void  kn_sc_delta_step(float *S, const float *q, const float *k, const float *v,
                        float decay, float beta, float *out, int dk, int dv);
 
+/* ==== AVX2 kernels (avx2.c), also the base of the AVX-512 build ==== */
 #ifdef KN_BUILD_AVX2
 void  kn_avx2_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                      const void *act, size_t act_stride, int nr, float *y, int64_t y_stride);
+float kn_avx2_dot(const float *a, const float *b, int64_t n);
+void  kn_avx2_axpy(float *y, float a, const float *x, int64_t n);
+void  kn_avx2_scale(float *y, float a, int64_t n);
+void  kn_avx2_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
+void  kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n);
+void  kn_avx2_delta_step(float *S, const float *q, const float *k, const float *v,
+                         float decay, float beta, float *out, int dk, int dv);
 #endif
 
 #endif

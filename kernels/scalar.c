@@ -20,6 +20,9 @@
 #if defined(__aarch64__) && defined(__linux__)
 #include <sys/auxv.h>
 #endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 /* ==== Dequantisation, one block run per format ==== */
 
@@ -392,8 +395,8 @@ const char *kn_isa(void)
 
 static inline int kn_missing(char *why, size_t n, const char *feature)
 {
-    if (why && n) snprintf(why, n, "this mtp-gen was built for %s but the CPU lacks %s; rebuild with "
-                           "'make' on this machine (or ARCH=scalar)", kn_isa(), feature);
+    if (why && n) snprintf(why, n, "this binary was built for %s but this CPU lacks %s; rebuild it "
+                           "here with 'make' (or 'make ARCH=scalar')", kn_isa(), feature);
     return 0;
 }
 
@@ -422,7 +425,8 @@ int kn_cpu_ok(char *why, size_t n)
     KN_NEED("fma");
 #endif
 #ifdef __F16C__
-    KN_NEED("f16c");
+    unsigned eax, ebx, ecx, edx;           /* clang's builtin does not know f16c */
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_F16C)) return kn_missing(why, n, "f16c");
 #endif
 #ifdef __BMI2__
     KN_NEED("bmi2");

@@ -23,6 +23,11 @@ part() {   # part NAME COMMAND...: run a suite, add its closing counts
     total_fail=$((total_fail + f))
 }
 part native python3 tests/run.py
+if make -s test_kernels-emu512 >/dev/null; then
+    part avx512-emulated ./test_kernels-emu512
+else
+    echo "avx512-emulated build failed"; total_fail=$((total_fail + 1))
+fi
 if make -s asan >/dev/null; then
     part asan env MTP_GEN=./mtp-gen-asan MTP_QUICK=1 ASAN_OPTIONS=detect_leaks=1 python3 tests/run.py
 else

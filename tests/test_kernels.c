@@ -376,6 +376,8 @@ static void test_vector_ops(void)
         }
 
         rand_vec(a, n, 12.0f);
+        static const float extremes[] = {-200.0f, -90.0f, 0.0f, 90.0f, 200.0f};
+        for (int64_t i = 0; i < n && i < 5; i++) a[i] = extremes[i];   /* exp overflow and underflow */
         kn_swiglu(y, a, b, n);
         for (int64_t i = 0; i < n; i++) {
             double ref = a[i] / (1.0 + exp(-(double)a[i])) * b[i];
@@ -386,7 +388,7 @@ static void test_vector_ops(void)
     report(w_axpy <= 1, "kn_axpy within 2 ulp: worst %.3f", w_axpy);
     report(w_scale <= 1, "kn_scale within 1 ulp: worst %.3f", w_scale);
     report(w_rms <= 1, "kn_rmsnorm (with and without weight) vs double: worst err/tol %.3f", w_rms);
-    report(w_swi <= 1, "kn_swiglu vs double within 8 ulp: worst %.3f", w_swi);
+    report(w_swi <= 1, "kn_swiglu vs double within 8 ulp (+1e-30), gates up to +-200: worst %.3f", w_swi);
     free(a), free(b), free(y), free(y0);
 }
 
@@ -423,7 +425,9 @@ static void test_delta(void)
 /* ==== Micro-benchmark ====
  * GB/s of weights streamed by kn_matmul, cold (rotating through enough
  * copies of the matrix to defeat the caches, as decoding does) and hot
- * (one matrix again and again), split over T threads by output rows. */
+ * (one matrix again and again), split over T threads by output rows.
+ * Each figure is the best of 7 runs of about 40 ms, which keeps it
+ * meaningful on a machine that is busy with other work. */
 
 typedef struct {
     const mm_case *c;
@@ -446,10 +450,12 @@ static void *bench_worker(void *p)
     return NULL;
 }
 
-static double now(void)
+/* CPU time, not wall time: the figures then hold on a shared, busy machine
+ * (each thread is charged only while it runs). */
+static double cpu_now(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
@@ -460,13 +466,13 @@ static double bench_run(const mm_case *c, uint8_t *wbase, int copies, int nr, in
     pthread_barrier_t bar;
     float *y = xalloc(sizeof(float) * (size_t)(c->n_out * KN_MAX_ROWS));
     pthread_barrier_init(&bar, NULL, (unsigned)nthreads);
-    double t0 = now();
+    double t0 = cpu_now();
     for (int t = 0; t < nthreads; t++) {
         jobs[t] = (bench_job){c, copies, nr, iters, t, nthreads, wbase, y, &bar};
         pthread_create(&th[t], NULL, bench_worker, &jobs[t]);
     }
     for (int t = 0; t < nthreads; t++) pthread_join(th[t], NULL);
-    double dt = now() - t0;
+    double dt = (cpu_now() - t0) / nthreads;
     pthread_barrier_destroy(&bar);
     free(y);
     return (double)c->rb * c->n_out * iters / dt / 1e9;
@@ -494,10 +500,11 @@ static void bench(int nthreads)
                        hot ? "hot" : "cold");
                 for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) {
                     int n_copies = hot ? 1 : copies;
-                    bench_run(&c, wbase, n_copies, nrs[k], 2, nthreads);          /* warm up */
-                    double gbs = bench_run(&c, wbase, n_copies, nrs[k], 4, nthreads);
-                    int iters = (int)(gbs * 1e9 * 0.25 / (double)mb) + 1;      /* about 0.25 s */
-                    printf(" %7.2f", bench_run(&c, wbase, n_copies, nrs[k], iters, nthreads));
+                    double gbs = bench_run(&c, wbase, n_copies, nrs[k], 4, nthreads);   /* warm up */
+                    int iters = (int)(gbs * 1e9 * 0.04 / (double)mb) + 1;              /* about 40 ms */
+                    for (int trial = 0; trial < 7; trial++)
+                        gbs = fmax(gbs, bench_run(&c, wbase, n_copies, nrs[k], iters, nthreads));
+                    printf(" %7.2f", gbs);
                     fflush(stdout);
                 }
                 printf("\n");
