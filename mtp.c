@@ -3750,7 +3750,7 @@ static int show_token(void *ud, int32_t t) {
     } else if (!s->vocab->hidden[t] && !(s->thinking && s->hide_think)) {
         show_bytes(s, s->buf, tok_stream(&s->vocab->tok, &s->stream, t, s->buf, s->cap));
     }
-    fflush(stdout);
+    out_flush();
     return 0;
 }
 
@@ -3759,7 +3759,7 @@ static void show_end(Show *s) {
     if (s->faint) out_write("\x1b[22m", 5);
     if (s->last && s->last != '\n') out_write("\n", 1);
     s->faint = s->thinking = 0;
-    fflush(stdout);
+    out_flush();
 }
 
 /* ---- the session ---- */
