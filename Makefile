@@ -53,7 +53,7 @@ test_kernels-emu512: tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
 	$(CC) -O1 -march=native -w -Wno-psabi -include kernels/avx512_emu.h -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDLIBS)
 
 asan:
-	$(MAKE) mtp-gen-asan test_kernels-asan test_units-asan SUFFIX=-asan CFLAGS="$(ASAN_FLAGS)"
+	$(MAKE) mtp-gen-asan mtp-convert-asan test_kernels-asan test_units-asan SUFFIX=-asan CFLAGS="$(ASAN_FLAGS)"
 
 # the whole suite: native, sanitizers, NEON under qemu (tests/all.sh)
 test: all

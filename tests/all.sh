@@ -1,7 +1,8 @@
 #!/bin/sh
 # The whole suite, as CI runs it: the native build, the same tests under
-# AddressSanitizer + UBSan, and the NEON kernels built with the aarch64 cross
-# compiler and run under qemu-user.  Ends with one "N passed, N failed" line
+# AddressSanitizer + UBSan, the NEON kernels built with the aarch64 cross
+# compiler and run under qemu-user, the AVX-512 kernels under intrinsic
+# emulation, and each fuzz harness for a bounded time.  Ends with one "N passed, N failed" line
 # that adds up every part.
 cd "$(dirname "$0")/.." || exit 1
 total_pass=0
@@ -30,6 +31,7 @@ else
 fi
 if make -s asan >/dev/null; then
     part asan env MTP_GEN=./mtp-gen-asan MTP_QUICK=1 ASAN_OPTIONS=detect_leaks=1 python3 tests/run.py
+    part robust-asan env MTP_GEN=./mtp-gen-asan ASAN_OPTIONS=detect_leaks=1 python3 tests/test_robust.py
 else
     echo "asan build failed"; total_fail=$((total_fail + 1))
 fi
@@ -42,5 +44,6 @@ if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/
 else
     echo "neon: skipped (install gcc-aarch64-linux-gnu and qemu-user)"
 fi
+part fuzz sh tests/fuzz/run.sh "${FUZZ_SECONDS:-30}"
 echo "$total_pass passed, $total_fail failed"
 [ "$total_fail" -eq 0 ]

@@ -721,7 +721,7 @@ static int st_fail(char *err, size_t errlen, const char *fmt, const char *name)
 }
 
 /* Parses a safetensors JSON header (len bytes) describing a data section of data_len bytes.
- * Fills *out with n tensors in header order (free names and array with st_free). Returns 0,
+ * Fills *out with n tensors in header order (the caller frees each name, then the array). Returns 0,
  * or -1 with a message in err. Safe on arbitrary input: this is the fuzzing entry point. */
 static int st_parse_header(const char *json, size_t len, uint64_t data_len,
                            StTensor **out, int *n_out, char *err, size_t errlen)
@@ -1984,6 +1984,7 @@ static void commit_output(FILE *f, const char *out_path)
     if (dfd >= 0) { fsync(dfd); close(dfd); }
 }
 
+#ifndef MTP_NO_MAIN   /* tests/fuzz includes this file for its parsers */
 int main(int argc, char **argv)
 {
     int mix = 0, mtp_mix = -1, threads = (int)sysconf(_SC_NPROCESSORS_ONLN), verbose = 1;
@@ -2032,3 +2033,4 @@ int main(int argc, char **argv)
                 plan.n, cfg.n_mtp, cfg.n_mtp == 1 ? "" : "s");
     return 0;
 }
+#endif
