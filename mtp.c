@@ -3130,9 +3130,29 @@ static long peak_rss_mb(void) {
     return ru.ru_maxrss / 1024;
 }
 
+/* Weight bytes one decode step streams: every main-model matrix, the LM
+ * head, and of the experts only the routed share; not the embedding rows
+ * (one row each) nor the MTP block (drafts only). */
+static double weight_bytes_per_token(const Model *m) {
+    const Config *c = &m->cfg;
+    char mtp_prefix[32];
+    snprintf(mtp_prefix, sizeof mtp_prefix, "blk.%d.", c->n_layer);
+    int tied = !gguf_tensor(&m->gguf, "output.weight");
+    double bytes = 0;
+    for (uint64_t i = 0; i < m->gguf.n_tensors; i++) {
+        const GgufTensor *t = &m->gguf.tensors[i];
+        if ((str_eq(t->name, "token_embd.weight") && !tied) ||
+            (t->name.n > strlen(mtp_prefix) && !memcmp(t->name.s, mtp_prefix, strlen(mtp_prefix))))
+            continue;
+        int expert = t->name.n > 5 && memmem(t->name.s, t->name.n, "_exps", 5);
+        bytes += expert ? (double)t->nbytes * c->n_expert_used / c->n_expert : (double)t->nbytes;
+    }
+    return bytes;
+}
+
 static void print_stats(const Gen *g, const Model *m, int mtp) {
     const Stats *s = &g->st;
-    double gb = (double)m->file.size / 1e9;
+    double gb = weight_bytes_per_token(m) / 1e9;
     fprintf(stderr, "mtp-gen: load %.0f ms | prompt %d tok, %.1f tok/s | gen %d tok, %.2f tok/s (%.1f GB/s of weights) | first token %.1f ms | peak RSS %ld MB\n",
             s->load_ms, s->n_prompt, rate(s->n_prompt, s->prompt_ms), s->n_gen, rate(s->n_gen, s->gen_ms),
             rate(s->n_gen, s->gen_ms) * gb, s->first_token_ms, peak_rss_mb());
@@ -3152,12 +3172,12 @@ static void write_stats_json(const char *path, const Gen *g, const Model *m) {
     if (!f) die("cannot write stats to '%s': %s", path, strerror(errno));
     fprintf(f, "{\n  \"n_prompt\": %d, \"n_gen\": %d, \"load_ms\": %.3f, \"prompt_ms\": %.3f, \"gen_ms\": %.3f,\n"
                "  \"prompt_tok_s\": %.3f, \"gen_tok_s\": %.3f, \"first_token_ms\": %.3f,\n"
-               "  \"itl_p50_ms\": %.3f, \"itl_p95_ms\": %.3f, \"peak_rss_mb\": %ld, \"model_bytes\": %zu,\n"
+               "  \"itl_p50_ms\": %.3f, \"itl_p95_ms\": %.3f, \"peak_rss_mb\": %ld, \"model_bytes\": %zu, \"weight_bytes_per_token\": %.0f,\n"
                "  \"mtp\": %s, \"steps\": %ld, \"drafted\": %ld, \"tested\": %ld, \"accepted\": %ld,\n"
                "  \"acceptance\": %.4f, \"mean_accepted_per_step\": %.4f,\n"
                "  \"draft_ms\": %.3f, \"verify_ms\": %.3f, \"rollback_ms\": %.3f,\n  \"accepted_at\": [",
             s->n_prompt, s->n_gen, s->load_ms, s->prompt_ms, s->gen_ms, rate(s->n_prompt, s->prompt_ms), rate(s->n_gen, s->gen_ms),
-            s->first_token_ms, itl_percentile(s, 0.5), itl_percentile(s, 0.95), peak_rss_mb(), m->file.size,
+            s->first_token_ms, itl_percentile(s, 0.5), itl_percentile(s, 0.95), peak_rss_mb(), m->file.size, weight_bytes_per_token(m),
             g->use_mtp ? "true" : "false", s->steps, s->drafted, s->tested, s->accepted,
             s->tested ? (double)s->accepted / s->tested : 0, s->steps ? (double)s->accepted / s->steps : 0,
             s->draft_ms, s->verify_ms, s->rollback_ms);
