@@ -452,7 +452,9 @@ typedef struct {
     Mat ffn_down;               /* [dim][ffn_dim] */
     /* MoE FFN */
     Mat router;                 /* [n_expert][dim] */
-    Mat exp_gate, exp_up;       /* [n_expert*expert_ffn_dim][dim]: expert e's rows e*expert_ffn_dim.. */
+    Mat exp_gate, exp_up;       /* [n_expert*exp_stride][dim]: expert e's gate rows start at row e*exp_stride
+                                   of exp_gate, its up rows at e*exp_stride + exp_up_at of exp_up */
+    int64_t exp_stride, exp_up_at; /* separate tensors: expert_ffn_dim, 0; fused gate_up: 2*expert_ffn_dim, expert_ffn_dim */
     Mat exp_down;               /* [n_expert*dim][expert_ffn_dim] */
     Mat sh_gate, sh_up;         /* [shared_ffn_dim][dim] */
     Mat sh_down;                /* [dim][shared_ffn_dim] */
@@ -661,8 +663,15 @@ static void load_ffn(Model *m, Layer *L, int l) {
         return;
     }
     L->router = load_mat(m, TNAME(n, "blk.%d.ffn_gate_inp.weight", l), c->dim, c->n_expert);
-    L->exp_gate = load_mat3(m, TNAME(n, "blk.%d.ffn_gate_exps.weight", l), c->dim, c->expert_ffn_dim, c->n_expert);
-    L->exp_up = load_mat3(m, TNAME(n, "blk.%d.ffn_up_exps.weight", l), c->dim, c->expert_ffn_dim, c->n_expert);
+    if (has_tensor(m, TNAME(n, "blk.%d.ffn_gate_up_exps.weight", l))) {    /* per expert: gate rows, then up rows */
+        L->exp_gate = L->exp_up = load_mat3(m, n, c->dim, 2 * (int64_t)c->expert_ffn_dim, c->n_expert);
+        L->exp_stride = 2 * (int64_t)c->expert_ffn_dim;
+        L->exp_up_at = c->expert_ffn_dim;
+    } else {
+        L->exp_gate = load_mat3(m, TNAME(n, "blk.%d.ffn_gate_exps.weight", l), c->dim, c->expert_ffn_dim, c->n_expert);
+        L->exp_up = load_mat3(m, TNAME(n, "blk.%d.ffn_up_exps.weight", l), c->dim, c->expert_ffn_dim, c->n_expert);
+        L->exp_stride = c->expert_ffn_dim;
+    }
     L->exp_down = load_mat3(m, TNAME(n, "blk.%d.ffn_down_exps.weight", l), c->expert_ffn_dim, c->dim, c->n_expert);
     if (c->shared_ffn_dim) {
         L->sh_gate = load_mat(m, TNAME(n, "blk.%d.ffn_gate_shexp.weight", l), c->dim, c->shared_ffn_dim);
@@ -1317,7 +1326,7 @@ static void moe_ffn(Engine *e, const Layer *L, int n) {
                 memcpy(s->moe_x + (int64_t)m++ * D, s->xn + (int64_t)r * D, D * sizeof(float));
             }
         if (!m) continue;
-        Mat g = mat_rows(&L->exp_gate, (int64_t)x * F, F), u = mat_rows(&L->exp_up, (int64_t)x * F, F);
+        Mat g = mat_rows(&L->exp_gate, x * L->exp_stride, F), u = mat_rows(&L->exp_up, x * L->exp_stride + L->exp_up_at, F);
         Mat d = mat_rows(&L->exp_down, (int64_t)x * D, D);
         swiglu_ffn(e, &g, &u, &d, s->moe_x, m, s->moe_y);
         for (int i = 0; i < m; i++) kn_axpy(s->out + (int64_t)s->moe_rows[i] * D, s->moe_w[s->moe_rows[i] * E + x], s->moe_y + (int64_t)i * D, D);
@@ -4333,6 +4342,10 @@ int main(int argc, char **argv) {
     if (!o.quiet) {
         fprintf(stderr, "mtp-gen: %s: %s, %d layers, dim %d, vocab %d, %.2f GB, kernels %s, %d threads, ctx %d\n", o.model,
                 arch_names[c->arch], c->n_layer, c->dim, c->n_vocab, model.file.size / 1e9, kn_isa(), n_threads, n_ctx);
+        double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+        if (ram > 0 && (double)model.file.size > ram)
+            fprintf(stderr, "mtp-gen: note: the model (%.1f GB) is larger than RAM (%.1f GB): weights are paged in from disk as "
+                            "they are used, so speed is bound by the disk\n", model.file.size / 1e9, ram / 1e9);
         if (use_mtp && o.mtp != 0)
             fprintf(stderr, "mtp-gen: MTP head found: speculative decoding on (%s %d draft%s per step%s)\n",
                     o.spec.adaptive ? "adaptive, up to" : "", o.spec.n_draft, o.spec.n_draft == 1 ? "" : "s",

@@ -324,6 +324,70 @@ def gguf_layout(data):
     return kvs, tensors
 
 
+BLOCK = {0: (1, 4), 1: (1, 2), 2: (32, 18), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210), 30: (1, 2)}
+
+
+def fuse_gate_up(src, dst):
+    """Rewrite a qwen35moe GGUF with each layer's ffn_gate_exps and ffn_up_exps fused into
+    ffn_gate_up_exps (per expert: its gate rows, then its up rows), as newer converters write."""
+    with open(src, "rb") as f:
+        data = f.read()
+    kvs, infos = gguf_layout(data)
+    n_t = struct.unpack_from("<Q", data, 8)[0]
+    kv_end = min(i["dims"] - 4 - len(name.encode()) - 8 for name, i in infos.items())
+    tensors = []
+    for name, i in infos.items():
+        nd = (i["type"] - i["dims"]) // 8
+        dims = list(struct.unpack_from(f"<{nd}Q", data, i["dims"]))
+        ttype = struct.unpack_from("<I", data, i["type"])[0]
+        per, size = BLOCK[ttype]
+        nbytes = dims[0] // per * size
+        for d in dims[1:]:
+            nbytes *= d
+        off = struct.unpack_from("<Q", data, i["offset"])[0]
+        tensors.append([name, dims, ttype, data[data_start(data, infos) + off:][:nbytes]])
+    out = []
+    by_name = {t[0]: t for t in tensors}
+    for t in tensors:
+        if t[0].endswith("ffn_up_exps.weight"):
+            continue
+        if t[0].endswith("ffn_gate_exps.weight"):
+            up = by_name[t[0].replace("gate_exps", "up_exps")]
+            E = t[1][2]
+            g, u, per = t[3], up[3], len(t[3]) // E
+            fused = b"".join(g[e * per:(e + 1) * per] + u[e * per:(e + 1) * per] for e in range(E))
+            t = [t[0].replace("gate_exps", "gate_up_exps"), [t[1][0], 2 * t[1][1], E], t[2], fused]
+        out.append(t)
+    body, blob = bytearray(), bytearray()
+    for name, dims, ttype, raw in out:
+        body += struct.pack("<Q", len(name)) + name.encode() + struct.pack("<I", len(dims))
+        body += struct.pack(f"<{len(dims)}Q", *dims) + struct.pack("<IQ", ttype, len(blob))
+        blob += raw + b"\0" * (-len(raw) % 32)
+    head = bytearray(data[:kv_end])
+    struct.pack_into("<Q", head, 8, len(out))
+    meta = head + body
+    meta += b"\0" * (-len(meta) % 32)
+    with open(dst, "wb") as f:
+        f.write(meta + blob)
+    return n_t, len(out)
+
+
+def data_start(data, infos):
+    last = max(infos.values(), key=lambda i: i["offset"])["offset"] + 8
+    return last + (-last % 32)
+
+
+def test_fused_experts():
+    src = gguf("qwen35-moe", "q8_0")
+    dst = os.path.join(TMP, "moe-fused.gguf")
+    before, after = fuse_gate_up(src, dst)
+    a, ra = logits_of("qwen35-moe", "q8_0", "short", "logits-out")
+    out = os.path.join(TMP, "fused.f32")
+    r = run(["-m", dst, "-f", prompt_file("qwen35-moe", "short"), "-n", "0", "-q", "--logits-out", out])
+    check("moe: fused ffn_gate_up_exps gives the same logits as separate gate/up experts",
+          r.returncode == 0 and after < before and f32(out) == a, r.stderr.decode()[-300:])
+
+
 def test_errors():
     with open(gguf("qwen35-dense", "q8_0"), "rb") as f:
         good = f.read()
@@ -398,7 +462,8 @@ def main():
         print(f"{BIN} is not built (run make)")
         print("0 passed, 1 failed")
         return 1
-    groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy, test_converted]
+    groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy, test_converted,
+              test_fused_experts]
     if not QUICK:
         groups += [test_mtp_identity, test_suites]
     for g in groups:
