@@ -11,10 +11,11 @@ part() {   # part NAME COMMAND...: run a suite, add its closing counts
     name=$1
     shift
     echo "==== $name ===="
-    out=$("$@" 2>&1)
-    rc=$?
-    printf '%s\n' "$out" | grep -v '^[0-9]* passed, [0-9]* failed$'
-    line=$(printf '%s\n' "$out" | grep '^[0-9]* passed, [0-9]* failed$' | tail -n 1)
+    log=$(mktemp)
+    { "$@" 2>&1; echo $? > "$log.rc"; } | tee "$log" | grep -v '^[0-9]* passed, [0-9]* failed$'
+    rc=$(cat "$log.rc")
+    line=$(grep '^[0-9]* passed, [0-9]* failed$' "$log" | tail -n 1)
+    rm -f "$log" "$log.rc"
     p=$(echo "$line" | cut -d' ' -f1)
     f=$(echo "$line" | cut -d' ' -f3)
     [ -n "$p" ] || { p=0; f=1; }
