@@ -4,7 +4,8 @@
 Usage (from the repository root, after `make`):  python3 tests/run.py [-k SUBSTRING]
 Environment: MTP_GEN=path to the mtp-gen binary (default ./mtp-gen; the ASan
 build and cross builds reuse the suite this way), MTP_RUNNER=prefix command
-(e.g. qemu-aarch64), MTP_QUICK=1 to skip the slowest groups.
+(e.g. qemu-aarch64), MTP_QUICK=1 to skip the slowest groups, MTP_CASES=short
+to run the model tests on the short prompt only.
 
 Ground truth is tests/fixtures (copied from the shared reference fixtures):
 Hugging Face transformers outputs for tiny random-weight models with the exact
@@ -18,6 +19,7 @@ FIX = os.path.join(ROOT, "tests", "fixtures")
 BIN = os.environ.get("MTP_GEN", os.path.join(ROOT, "mtp-gen"))
 RUNNER = os.environ.get("MTP_RUNNER", "").split()
 QUICK = os.environ.get("MTP_QUICK") == "1"
+CASES = os.environ.get("MTP_CASES", "short long").split()   # prompts the model tests use
 MODELS = ["qwen35-dense", "qwen35-moe", "qwen3next"]
 QUANTS = ["bf16", "q8_0", "q4_k_m"]
 ONLY = sys.argv[sys.argv.index("-k") + 1] if "-k" in sys.argv else ""
@@ -132,7 +134,7 @@ def test_tokenizer():
     r = subprocess.run(RUNNER + [exe, "roundtrip", vocab, texts], capture_output=True, timeout=300)
     check("tokenizer: decode(encode(x)) == x for NFC text", r.returncode == 0, r.stdout.decode()[-500:] if r.returncode else "")
     for m in MODELS:
-        for case in ("short", "long"):
+        for case in CASES:
             r = run(["-m", gguf(m, "bf16"), "-f", prompt_file(m, case), "--tokenize"])
             ids = [int(x) for x in r.stdout.split()] if r.returncode == 0 else None
             check(f"tokenizer: {m} {case} prompt ids (qwen35 pre-tokenizer)", ids == ref(m)["cases"][case]["prompt_ids"])
@@ -163,7 +165,7 @@ def test_logits():
     for m in MODELS:
         V = ref(m)["vocab_size"]
         for q in QUANTS:
-            for case in ("short", "long"):
+            for case in CASES:
                 for flag, what, refname in (("logits-out", "logits", "logits"), ("mtp-logits-out", "MTP logits", "mtp_logits")):
                     want = f32(os.path.join(FIX, m, "ref2", f"{q}.{case}.{refname}.f32"))
                     label = f"{what}: {m} {q} {case}"
@@ -200,7 +202,7 @@ def test_converted():
             if r.returncode:
                 check(f"convert: {m} {q}", False, r.stderr.decode()[-300:])
                 continue
-            for case in ("short", "long"):
+            for case in CASES:
                 for flag, what, refname in (("logits-out", "logits", "logits"), ("mtp-logits-out", "MTP logits", "mtp_logits")):
                     path = os.path.join(TMP, "conv.f32")
                     args = ["-m", out, "-f", prompt_file(m, case), "-n", "0", "-q", "--" + flag, path]
@@ -233,7 +235,7 @@ def greedy_ids(model, quant, case, extra, n=24):
 
 def test_greedy():
     for m in MODELS:
-        for case in ("short", "long"):
+        for case in CASES:
             want = ref(m)["cases"][case]["greedy_ids"]
             got, r = greedy_ids(m, "bf16", case, ["--no-mtp"])
             check(f"greedy: {m} bf16 {case}: 24 tokens equal HF generate", got == want, f"got {got}\nwant {want}" if got != want else "")
@@ -243,7 +245,7 @@ def test_mtp_identity():
     drafts = [["--draft", "1"], ["--draft", "2"], ["--draft", "3"], ["--draft-max", "4"]]
     for m in MODELS:
         for q in QUANTS:
-            for case in ("short", "long"):
+            for case in CASES:
                 base, r = greedy_ids(m, q, case, ["--no-mtp"], 48)
                 bad = []
                 for d in drafts:
