@@ -45,6 +45,6 @@ if command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/
 else
     echo "neon: skipped (install gcc-aarch64-linux-gnu and qemu-user)"
 fi
-part fuzz sh tests/fuzz/run.sh "${FUZZ_SECONDS:-30}"
+part fuzz sh tests/fuzz/run.sh "${FUZZ_SECONDS:-20}"
 echo "$total_pass passed, $total_fail failed"
 [ "$total_fail" -eq 0 ]
