@@ -1177,13 +1177,12 @@ static void delta_worker(void *ctx, int ith, int nth) {
     for (int h = (int)lo; h < hi; h++) {
         int kh = c->v_tiled ? h % c->n_k_heads : h / group;
         for (int r = 0; r < j->n; r++) {
-            float *S_in = j->st->ssm[j->layer] + slot_in(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
+            const float *S_in = j->st->ssm[j->layer] + slot_in(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
             float *S = j->st->ssm[j->layer] + slot_out(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
-            if (S != S_in) memcpy(S, S_in, head_floats * sizeof *S);
             const float *row = j->qkv + (int64_t)r * c->conv_dim;
             const float *q = row + kh * dk, *k = row + c->n_k_heads * dk + kh * dk;
             const float *v = row + 2 * c->n_k_heads * dk + h * dv;
-            kn_delta_step(S, q, k, v, j->decay[r * c->n_v_heads + h], j->beta[r * c->n_v_heads + h],
+            kn_delta_step(S_in, S, q, k, v, j->decay[r * c->n_v_heads + h], j->beta[r * c->n_v_heads + h],
                           j->out + (int64_t)r * c->n_v_heads * dv + h * dv, dk, dv);
         }
     }

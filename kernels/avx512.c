@@ -259,9 +259,9 @@ void  kn_scale(float *y, float a, int64_t n) { kn_avx2_scale(y, a, n); }
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_avx2_rmsnorm(out, x, w, n, eps); }
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
 
-void kn_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
-    kn_avx2_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+    kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
 #endif

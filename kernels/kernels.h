@@ -59,8 +59,10 @@ void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float ep
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n);        /* silu(gate)*up */
 
 /* One Gated DeltaNet step for one value head, state S[dk][dv] (row j = key dim j):
- *   S *= decay;  kv = k^T S;  S += k (x) beta*(v - kv);  out = q^T S   */
-void  kn_delta_step(float *S, const float *q, const float *k, const float *v,
+ *   S = decay*S_in;  kv = k^T S;  S += k (x) beta*(v - kv);  out = q^T S;  S_out = S
+ * S_out may be S_in (a decode step) or a separate slot (a speculative token's
+ * state, written without first copying the previous one). */
+void  kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                     float decay, float beta, float *out, int dk, int dv);
 
 /* ---- build identity ----
@@ -73,7 +75,7 @@ int         kn_cpu_ok(char *why, size_t n);
 /* reference (scalar) versions, always compiled, for the kernel tests */
 void  kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                     const float *x, int64_t x_stride, int nr, float *y, int64_t y_stride);
-void  kn_ref_delta_step(float *S, const float *q, const float *k, const float *v,
+void  kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                         float decay, float beta, float *out, int dk, int dv);
 
 #endif

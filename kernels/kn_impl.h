@@ -191,7 +191,7 @@ void  kn_sc_axpy(float *y, float a, const float *x, int64_t n);
 void  kn_sc_scale(float *y, float a, int64_t n);
 void  kn_sc_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
 void  kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n);
-void  kn_sc_delta_step(float *S, const float *q, const float *k, const float *v,
+void  kn_sc_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                        float decay, float beta, float *out, int dk, int dv);
 
 /* ==== AVX2 kernels (avx2.c), also the base of the AVX-512 build ==== */
@@ -203,7 +203,7 @@ void  kn_avx2_axpy(float *y, float a, const float *x, int64_t n);
 void  kn_avx2_scale(float *y, float a, int64_t n);
 void  kn_avx2_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
 void  kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n);
-void  kn_avx2_delta_step(float *S, const float *q, const float *k, const float *v,
+void  kn_avx2_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                          float decay, float beta, float *out, int dk, int dv);
 #endif
 

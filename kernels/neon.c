@@ -359,13 +359,13 @@ void kn_swiglu(float *out, const float *gate, const float *up, int64_t n)
 
 /* The two-pass form of kn_sc_delta_step on strips of 32 columns: kS, qS and
  * d for a strip take 24 of the 32 vector registers. */
-KN_INLINE void delta_strip(float *S, const float *q, const float *k, const float *v, float decay,
-                           float beta, float qk, float *out, int dk, int dv, int c0, int NV)
+KN_INLINE void delta_strip(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
+                           float decay, float beta, float qk, float *out, int dk, int dv, int c0, int NV)
 {
     float32x4_t ks[8], qs[8], d[8];
     KN_UNROLL for (int u = 0; u < NV; u++) ks[u] = qs[u] = vdupq_n_f32(0.0f);
     for (int j = 0; j < dk; j++) {
-        const float *row = S + (size_t)j * dv + c0;
+        const float *row = S_in + (size_t)j * dv + c0;
         KN_UNROLL for (int u = 0; u < NV; u++) {
             float32x4_t s = vld1q_f32(row + 4 * u);
             ks[u] = vfmaq_n_f32(ks[u], s, k[j]);
@@ -378,22 +378,23 @@ KN_INLINE void delta_strip(float *S, const float *q, const float *k, const float
         vst1q_f32(out + c0 + 4 * u, vfmaq_n_f32(vmulq_n_f32(qs[u], decay), d[u], qk));
     }
     for (int j = 0; j < dk; j++) {
-        float *row = S + (size_t)j * dv + c0;
+        const float *row = S_in + (size_t)j * dv + c0;
+        float *dst = S_out + (size_t)j * dv + c0;
         KN_UNROLL for (int u = 0; u < NV; u++)
-            vst1q_f32(row + 4 * u, vfmaq_n_f32(vmulq_n_f32(d[u], k[j]), vld1q_f32(row + 4 * u), decay));
+            vst1q_f32(dst + 4 * u, vfmaq_n_f32(vmulq_n_f32(d[u], k[j]), vld1q_f32(row + 4 * u), decay));
     }
 }
 
-void kn_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
     if (dv % 4) {
-        kn_sc_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+        kn_sc_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
         return;
     }
     float qk = kn_dot(q, k, dk);
     int c0 = 0;
-    for (; c0 + 32 <= dv; c0 += 32) delta_strip(S, q, k, v, decay, beta, qk, out, dk, dv, c0, 8);
-    for (; c0 < dv; c0 += 4) delta_strip(S, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
+    for (; c0 + 32 <= dv; c0 += 32) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 8);
+    for (; c0 < dv; c0 += 4) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
 #endif

@@ -279,12 +279,13 @@ void kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n)
 /* Delta step in two passes over S instead of three: with kS = k^T S and
  * qS = q^T S taken from the old state,
  *   kv = decay*kS,  d = beta*(v - kv),  out = decay*qS + (q.k) d,
- * and the state update S = decay*S + k d^T is the only pass that writes.
- * Columns are independent, so S is walked in strips of columns small enough
- * for kS, qS and d to stay in registers (or L1) across the rows. */
+ * and the state update S_out = decay*S_in + k d^T is the only pass that
+ * writes.  Columns are independent, so S is walked in strips of columns small
+ * enough for kS, qS and d to stay in registers (or L1) across the rows; a
+ * strip's update reads only the cells it writes, so S_out may be S_in. */
 #define KN_DELTA_COLS 64
 
-void kn_sc_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_sc_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                       float decay, float beta, float *out, int dk, int dv)
 {
     float qk = kn_sc_dot(q, k, dk);
@@ -292,7 +293,7 @@ void kn_sc_delta_step(float *S, const float *q, const float *k, const float *v,
         int nc = dv - c0 < KN_DELTA_COLS ? dv - c0 : KN_DELTA_COLS;
         float ks[KN_DELTA_COLS] = {0}, qs[KN_DELTA_COLS] = {0}, d[KN_DELTA_COLS];
         for (int j = 0; j < dk; j++) {
-            const float *row = S + (size_t)j * dv + c0;
+            const float *row = S_in + (size_t)j * dv + c0;
             for (int c = 0; c < nc; c++) {
                 ks[c] += k[j] * row[c];
                 qs[c] += q[j] * row[c];
@@ -303,8 +304,9 @@ void kn_sc_delta_step(float *S, const float *q, const float *k, const float *v,
             out[c0 + c] = decay * qs[c] + qk * d[c];
         }
         for (int j = 0; j < dk; j++) {
-            float *row = S + (size_t)j * dv + c0;
-            for (int c = 0; c < nc; c++) row[c] = decay * row[c] + k[j] * d[c];
+            const float *row = S_in + (size_t)j * dv + c0;
+            float *dst = S_out + (size_t)j * dv + c0;
+            for (int c = 0; c < nc; c++) dst[c] = decay * row[c] + k[j] * d[c];
         }
     }
 }
@@ -360,19 +362,19 @@ void kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, i
 }
 
 /* The recurrence exactly as written, one column at a time, in double. */
-void kn_ref_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                        float decay, float beta, float *out, int dk, int dv)
 {
     for (int c = 0; c < dv; c++) {
         double kv = 0.0, o = 0.0;
         for (int j = 0; j < dk; j++) {
-            S[(size_t)j * dv + c] *= decay;
-            kv += (double)k[j] * S[(size_t)j * dv + c];
+            S_out[(size_t)j * dv + c] = S_in[(size_t)j * dv + c] * decay;
+            kv += (double)k[j] * S_out[(size_t)j * dv + c];
         }
         double d = beta * (v[c] - kv);
         for (int j = 0; j < dk; j++) {
-            S[(size_t)j * dv + c] = (float)(S[(size_t)j * dv + c] + k[j] * d);
-            o += (double)q[j] * S[(size_t)j * dv + c];
+            S_out[(size_t)j * dv + c] = (float)(S_out[(size_t)j * dv + c] + k[j] * d);
+            o += (double)q[j] * S_out[(size_t)j * dv + c];
         }
         out[c] = (float)o;
     }
@@ -491,9 +493,9 @@ void  kn_scale(float *y, float a, int64_t n) { kn_sc_scale(y, a, n); }
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_sc_rmsnorm(out, x, w, n, eps); }
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_sc_swiglu(out, gate, up, n); }
 
-void kn_delta_step(float *S, const float *q, const float *k, const float *v,
+void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
-    kn_sc_delta_step(S, q, k, v, decay, beta, out, dk, dv);
+    kn_sc_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
 #endif
