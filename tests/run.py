@@ -433,7 +433,6 @@ def test_errors():
         ("zero threads", ["-m", gguf("qwen35-dense", "q8_0"), "-t", "0", "-p", "x"], "-t expects"),
         ("non-numeric count", ["-m", gguf("qwen35-dense", "q8_0"), "-n", "lots", "-p", "x"], "-n expects"),
         ("flag without its value", ["-m"], "needs a value"),
-        ("no model", ["-p", "x"], "no model given"),
     ]
     for name, args, want in cases:
         r = run(args, stdin=b"")
@@ -444,9 +443,9 @@ def test_errors():
 
 
 def test_suites():
-    """The other suites (converter, REPL, robustness): their counts add to ours."""
+    """The other suites (converter, REPL, robustness, built-in model): their counts add to ours."""
     global passed, failed
-    for script in ("test_convert.py", "test_repl.py", "test_robust.py"):
+    for script in ("test_convert.py", "test_repl.py", "test_robust.py", "test_default_model.py"):
         path = os.path.join(ROOT, "tests", script)
         if not os.path.exists(path):
             continue
