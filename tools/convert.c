@@ -807,6 +807,11 @@ static void st_open(const char *path, StTensor **all, int *n_all)
     char err[256];
     if (st_parse_header(hdr, hlen, size - 8 - hlen, &ts, &n, err, sizeof err) < 0) die("%s: %s", path, err);
     free(hdr);
+    if (n == 0) {   /* no tensor would point at its StFile, so st_free could not release it */
+        free(ts);
+        close(fd);
+        return;
+    }
     StFile *file = xmalloc(sizeof *file);
     file->path = xstrdup(path);
     file->fd = fd;
@@ -865,6 +870,21 @@ static void st_load_dir(const char *dir, StTensor **all, int *n_all)
     free(files);
     json_free(index);
     free(index);
+}
+
+/* Frees the list from st_load_dir. st_open appends a file's tensors contiguously, so each
+ * StFile is released once, at the first tensor that points at it. */
+static void st_free(StTensor *all, int n_all)
+{
+    for (int i = 0; i < n_all; i++) {
+        if (i == 0 || all[i].file != all[i - 1].file) {
+            close(all[i].file->fd);
+            free(all[i].file->path);
+            free(all[i].file);
+        }
+        free(all[i].name);
+    }
+    free(all);
 }
 
 /* count rows of the source, starting at row first, as floats. */
@@ -991,6 +1011,14 @@ static void load_config(const char *dir, Config *c)
     }
 }
 
+static void config_free(Config *c)
+{
+    free(c->recurrent);
+    /* c->top is const for the readers; load_config allocated it with load_json */
+    json_free((Json *)c->top);
+    free((Json *)c->top);
+}
+
 /* ==== Tensor plan ==== */
 
 /* Where the rows of an output tensor come from. Output row r belongs to part r / part_rows
@@ -1041,6 +1069,13 @@ static OutTensor *plan_add(Plan *p, int block, const char *suffix, const StTenso
     t->part_rows = 1;
     for (int d = 1; d < t->n_dims; d++) t->part_rows *= t->ne[d];
     return t;
+}
+
+/* Each tensor owns its srcs array, including the per-expert ones handed over by add_expert. */
+static void plan_free(Plan *p)
+{
+    for (int i = 0; i < p->n; i++) free(p->t[i].srcs);
+    free(p->t);
 }
 
 static void shape_str(const int64_t *shape, int n, char *buf, size_t len)
@@ -1566,6 +1601,7 @@ static void load_tokenizer(const char *dir, const Config *cfg, Tokenizer *tk)
             die("tokenizer.json: bad added token entry %zu (id outside vocab_size?)", i);
         int64_t k = (int64_t)id->num;
         int is_control = (special && special->type == J_BOOL && special->num) || looks_special(content);
+        if (tk->types[k] == TOK_USER_DEFINED) free(tk->tokens[k]);   /* id repeated: drop our earlier copy */
         tk->tokens[k] = is_control ? (char *)content : unescape_spaces(content);
         tk->types[k] = is_control ? TOK_CONTROL : TOK_USER_DEFINED;
     }
@@ -1593,6 +1629,26 @@ static void load_tokenizer(const char *dir, const Config *cfg, Tokenizer *tk)
     load_chat_template(tk, dir);
     const char *norm = json_str(json_get(json_get(tk->tok_json, "normalizer"), "type"));
     tk->nfc = norm && !strcmp(norm, "NFC");
+}
+
+/* Frees what load_tokenizer allocated. Ownership follows how each string was made there:
+ * user-defined and padding tokens are our copies, other tokens point into tok_json; merges
+ * given as strings point into tok_json, those given as pairs were joined by us. */
+static void tokenizer_free(Tokenizer *tk)
+{
+    for (int64_t i = 0; i < tk->n_tokens; i++)
+        if (tk->types[i] == TOK_USER_DEFINED || tk->types[i] == TOK_UNUSED) free(tk->tokens[i]);
+    const Json *merges = json_get(json_get(tk->tok_json, "model"), "merges");
+    for (size_t i = 0; i < tk->n_merges; i++)
+        if (!json_str(&merges->kids[i])) free(tk->merges[i]);
+    free(tk->tokens);
+    free(tk->types);
+    free(tk->merges);
+    free(tk->chat_template);
+    json_free(tk->tok_json);
+    free(tk->tok_json);
+    json_free(tk->tok_cfg);
+    free(tk->tok_cfg);
 }
 
 /* ==== GGUF writer ==== */
@@ -2031,6 +2087,10 @@ int main(int argc, char **argv)
     if (verbose)
         fprintf(stderr, "mtp-convert: wrote %s (%s, %d tensors, %d MTP layer%s)\n", out_path, mixes[mix].name,
                 plan.n, cfg.n_mtp, cfg.n_mtp == 1 ? "" : "s");
+    plan_free(&plan);
+    st_free(srcs, n_srcs);
+    tokenizer_free(&tk);
+    config_free(&cfg);
     return 0;
 }
 #endif
