@@ -2538,6 +2538,7 @@ typedef struct {
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
     int probing;                /* this step's draft is a probe */
+    int since_plain;            /* drafting steps since the last plain one (which re-measures a plain step's cost) */
     const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
     int ignore_eos;
     int verbose;                /* one stderr line per speculative step */
@@ -2667,6 +2668,10 @@ static int choose_k(Gen *g) {
     for (int k = 1; k <= g->spec.n_draft; k++)
         if (k_value(g, k) > k_value(g, best)) best = k;
     if (!g->probe_gap) g->probe_gap = 16;
+    /* a plain step now and then keeps its measured cost current: the first
+     * one, with cold caches, would otherwise make drafting look cheap forever */
+    if (best > 0 && ++g->since_plain >= 16) best = 0;
+    if (best == 0) g->since_plain = 0;
     if (best == 0 && ++g->probe >= g->probe_gap) {
         g->probe = 0;
         g->probing = 1;
@@ -2683,7 +2688,7 @@ static void probe_result(Gen *g, int n_accepted) {
     g->probe_gap = n_accepted ? 16 : (g->probe_gap < 512 ? 2 * g->probe_gap : 512);
 }
 
-static void ema(double *v, double x) { *v = *v > 0 ? 0.9 * *v + 0.1 * x : x; }
+static void ema(double *v, double x) { *v = *v > 0 ? 0.75 * *v + 0.25 * x : x; }
 
 static double elapsed_since(double t0) { return now_ms() - t0; }
 
