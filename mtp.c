@@ -4,7 +4,9 @@
  * The story of a token, top to bottom:
  *
  *   GGUF file   - mmapped read-only; tensors point straight into the mapping.
- *   Model       - config from the metadata, weights as (type, pointer, shape).
+ *   Model       - config from the metadata, weights as (type, pointer, shape);
+ *                 dense matrices then move to huge pages, in the layout the
+ *                 kernels read fastest.
  *   State       - per-sequence KV caches for the full-attention layers, conv
  *                 and recurrent state for the Gated DeltaNet layers, in a small
  *                 ring of slots so a speculative batch can be rolled back by
@@ -483,6 +485,8 @@ typedef struct {
     Weights w;
     float **owned;              /* norm vectors converted to f32 (stored in another type) */
     int n_owned;
+    uint8_t *placed;            /* [placed_size] dense matrices moved out of the mapping (place_weights), or NULL */
+    size_t placed_size;
 } Model;
 
 static const GgufTensor *need_tensor(const Model *m, const char *name) {
@@ -694,14 +698,9 @@ static void load_block(Model *m, Layer *L, int l, int recurrent) {
     load_ffn(m, L, l);
 }
 
-static void load_weights(Model *m) {
+static void load_mtp_head(Model *m) {
     const Config *c = &m->cfg;
     Weights *w = &m->w;
-    w->token_embd = load_mat(m, "token_embd.weight", c->dim, c->n_vocab);
-    w->output = has_tensor(m, "output.weight") ? load_mat(m, "output.weight", c->dim, c->n_vocab) : w->token_embd;
-    w->output_norm = load_vec(m, "output_norm.weight", c->dim);
-    for (int l = 0; l < c->n_layer; l++) load_block(m, &w->layers[l], l, c->recurrent[l]);
-    if (!c->n_mtp) return;
     char n[128];
     int l = c->n_layer;
     MtpHead *h = &w->mtp;
@@ -711,6 +710,91 @@ static void load_weights(Model *m) {
     h->head_norm = has_tensor(m, TNAME(n, "blk.%d.nextn.shared_head_norm.weight", l)) ? load_vec(m, n, c->dim) : w->output_norm;
     load_block(m, &h->block, l, 0);
 }
+
+/* ---- placement ----
+ * Decoding streams every dense weight once per token.  Copied out of the
+ * file mapping into one anonymous buffer on huge pages, they stream faster
+ * (prefetchers run past 4 KB boundaries, far fewer TLB misses: +6% decode
+ * on a 0.8 GB q8_0 file), and the copy can take the layout this build's
+ * kernels read fastest (kn_pack_type: q8_0 interleaved for AVX-512 VNNI).
+ * Expert tensors stay mapped (a token reads only its few experts, and they
+ * may not fit in RAM), and so does everything when the matrices would take
+ * more than half the RAM or the buffer cannot be had: weights are then used
+ * in place, as stored, by the same kernels. */
+
+static int layer_mats(Layer *L, Mat **out) {
+    Mat *all[] = {&L->qkv, &L->z, &L->alpha, &L->beta, &L->ba, &L->ssm_out, &L->wq, &L->wk, &L->wv, &L->wo,
+                  &L->ffn_gate, &L->ffn_up, &L->ffn_down, &L->router, &L->sh_gate, &L->sh_up, &L->sh_down, &L->sh_router};
+    int n = 0;
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (all[i]->data) out[n++] = all[i];
+    return n;
+}
+
+#define MATS_PER_LAYER 18
+
+static size_t placed_bytes(const Mat *w) {
+    size_t b = kn_pack_bytes(w->type, w->n_out, w->n_in);
+    return (b + 63) / 64 * 64;
+}
+
+/* Give the mapping's pages of a placed matrix back: they are not read again. */
+static void release_pages(const Model *m, const Mat *w) {
+    if (m->file.base == mtp_default_model) return;
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)w->data + page - 1) / page * page;
+    uintptr_t hi = ((uintptr_t)w->data + (size_t)w->n_out * w->row_bytes) / page * page;
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+static void place_weights(Model *m) {
+    const Config *c = &m->cfg;
+    Weights *w = &m->w;
+    int n_blocks = c->n_layer + c->n_mtp, n = 0;
+    Mat **mats = xcalloc((size_t)n_blocks * MATS_PER_LAYER + 3, sizeof *mats);
+    mats[n++] = &w->token_embd;
+    if (w->output.data != w->token_embd.data) mats[n++] = &w->output;
+    if (c->n_mtp) mats[n++] = &w->mtp.eh_proj;
+    for (int l = 0; l < c->n_layer; l++) n += layer_mats(&w->layers[l], mats + n);
+    if (c->n_mtp) n += layer_mats(&w->mtp.block, mats + n);
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += placed_bytes(mats[i]);
+    double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    void *buf = total > 0 && (double)total <= ram / 2 ? mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0) : MAP_FAILED;
+    if (buf == MAP_FAILED) {
+        free(mats);
+        return;
+    }
+    madvise(buf, total, MADV_HUGEPAGE);
+    int tied = w->output.data == w->token_embd.data;
+    uint8_t *at = buf;
+    for (int i = 0; i < n; i++) {
+        Mat *x = mats[i];
+        size_t bytes = placed_bytes(x);
+        kn_pack(x->type, x->data, x->row_bytes, x->n_out, x->n_in, at);
+        release_pages(m, x);
+        x->type = kn_pack_type(x->type);
+        x->data = at;
+        at += bytes;
+    }
+    if (tied) w->output = w->token_embd;
+    mprotect(buf, total, PROT_READ);
+    m->placed = buf;
+    m->placed_size = total;
+    free(mats);
+}
+
+static void load_weights(Model *m) {
+    const Config *c = &m->cfg;
+    Weights *w = &m->w;
+    w->token_embd = load_mat(m, "token_embd.weight", c->dim, c->n_vocab);
+    w->output = has_tensor(m, "output.weight") ? load_mat(m, "output.weight", c->dim, c->n_vocab) : w->token_embd;
+    w->output_norm = load_vec(m, "output_norm.weight", c->dim);
+    for (int l = 0; l < c->n_layer; l++) load_block(m, &w->layers[l], l, c->recurrent[l]);
+    if (c->n_mtp) load_mtp_head(m);
+    place_weights(m);
+}
+
 
 /* Map and parse the file; config and weights come after, since a
  * vocabulary-only file is enough for --tokenize. */
@@ -726,6 +810,7 @@ static void model_open(Model *m, const char *path) {
 }
 
 static void model_free(Model *m) {
+    if (m->placed) munmap(m->placed, m->placed_size);
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
     gguf_free(&m->gguf);
@@ -1363,7 +1448,7 @@ static void block(Engine *e, const Layer *L, int layer, int recurrent, float *k_
 static void embed(Engine *e, const int32_t *tokens, int n, float *out) {
     const Mat *te = &e->model->w.token_embd;
     for (int r = 0; r < n; r++)
-        kn_dequant_row(te->type, (const uint8_t *)te->data + (int64_t)tokens[r] * te->row_bytes, out + (int64_t)r * te->n_in, te->n_in);
+        kn_get_row(te->type, te->data, te->row_bytes, tokens[r], out + (int64_t)r * te->n_in, te->n_in);
 }
 
 /* Logits over the first n_vocab tokens for n rows of normed hidden state. */

@@ -98,6 +98,62 @@ KN_INLINE void q8_0_row(const uint8_t *w, int64_t n, const kn_arow *a, float *ou
     KN_UNROLL for (int r = 0; r < NR; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
+#ifdef __AVX512VNNI__
+/* ==== q8_0 packed sixteen rows to a register (KN_Q8_0_X16) ====
+ * Lane l of every vector is output row l of the group: a block is eight
+ * vpdpbusd of the stored weights (w + 128) against four activation bytes
+ * broadcast to all lanes, then one scale per lane.  No horizontal sums, and
+ * the weights of a block are loaded once for all NR activation rows. */
+KN_INLINE void q8_0x16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m512 *acc, int NR)
+{
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QK; b++, w += KN_X16_BLOCK) {
+        __m512 dw = _mm512_cvtph_ps(load32(w));
+        __m512i q[8];
+        KN_UNROLL for (int k = 0; k < 8; k++) q[k] = load64(w + 32 + 64 * k);
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            const uint8_t *x = (const uint8_t *)(a[r].q + b * KN_QK);
+            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+            KN_UNROLL for (int k = 0; k < 8; k += 2) {
+                s0 = _mm512_dpbusd_epi32(s0, q[k], _mm512_set1_epi32((int)kn_rd32(x + 4 * k)));
+                s1 = _mm512_dpbusd_epi32(s1, q[k + 1], _mm512_set1_epi32((int)kn_rd32(x + 4 * k + 4)));
+            }
+            /* d_a * sum((w + 128) x) - 128 * s, s = d_a * sum(x) */
+            __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a[r].d[b]),
+                                       _mm512_set1_ps(128.0f * a[r].s[b]));
+            acc[r] = _mm512_fmadd_ps(dw, t, acc[r]);
+        }
+    }
+}
+
+KN_INLINE void q8_0x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
+                            const kn_arow *a, float *y, int64_t y_stride, int NR)
+{
+    for (int64_t i = i0; i < i1; i += KN_PACK_ROWS) {
+        __m512 acc[KN_MAX_ROWS];
+        q8_0x16_group(w + (size_t)i * w_row_bytes, n, a, acc, NR);
+        __mmask16 keep = i1 - i >= KN_PACK_ROWS ? 0xffff : (__mmask16)((1u << (i1 - i)) - 1);
+        KN_UNROLL for (int r = 0; r < NR; r++) _mm512_mask_storeu_ps(y + (size_t)r * y_stride + i, keep, acc[r]);
+    }
+}
+
+typedef void (*x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
+                       const kn_arow *a, float *y, int64_t y_stride);
+#define X16_FN(nr) \
+    static void x16_##nr(const uint8_t *w, size_t rb, int64_t n, int64_t i0, int64_t i1, const kn_arow *a, \
+                         float *y, int64_t ys) { q8_0x16_rows(w, rb, n, i0, i1, a, y, ys, nr); }
+X16_FN(1) X16_FN(2) X16_FN(3) X16_FN(4) X16_FN(5) X16_FN(6) X16_FN(7) X16_FN(8)
+static const x16_fn x16_fns[KN_MAX_ROWS] = {x16_1, x16_2, x16_3, x16_4, x16_5, x16_6, x16_7, x16_8};
+
+static void matmul_x16(const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
+                       const void *act, size_t act_stride, int nr, float *y, int64_t y_stride)
+{
+    kn_arow a[KN_MAX_ROWS];
+    kn_act_rows(act, act_stride, n_in, nr, a);
+    x16_fns[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
+}
+#endif
+
 /* ==== K-quants ==== */
 
 /* q4_K and q5_K: one register is a 64-element group, sub-blocks 2g and 2g+1. */
@@ -249,6 +305,12 @@ void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64
                const void *act, size_t act_stride, int nr, float *y, int64_t y_stride)
 {
     const kn_row_fn *fns = rows_for(wtype);
+#ifdef __AVX512VNNI__
+    if (wtype == KN_Q8_0_X16) {
+        matmul_x16(w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
+        return;
+    }
+#endif
     if (fns) kn_matmul_rows(fns, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
     else kn_avx2_matmul(wtype, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
 }

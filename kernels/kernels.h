@@ -51,6 +51,25 @@ void   kn_act_prepare(int wtype, const float *x /*[n_in]*/, int64_t n_in, void *
 void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                const void *act, size_t act_stride, int nr, float *y, int64_t y_stride);
 
+/* ---- packed weights ----
+ * A build may want a format rearranged for its kernels: with AVX-512 VNNI,
+ * q8_0 is read as KN_Q8_0_X16, sixteen rows interleaved so that one
+ * instruction advances sixteen output rows at once (instead of one row and
+ * a horizontal sum at the end).  The model packs each matrix once at load
+ * time.  A packed matrix has the same bytes per row as its source, so row
+ * offsets that are multiples of KN_PACK_ROWS still find their group at
+ * row * row_bytes; the last group is padded to KN_PACK_ROWS rows
+ * (kn_pack_bytes).  kn_matmul slices of a packed matrix start on a multiple
+ * of KN_PACK_ROWS and end on one or at n_out. */
+#define KN_PACK_ROWS 16
+enum { KN_Q8_0_X16 = 0x108 };
+
+int    kn_pack_type(int type);                      /* the layout this build wants for type: a packed one, or type */
+size_t kn_pack_bytes(int type, int64_t n_out, int64_t n_in);   /* bytes of kn_pack's output */
+void   kn_pack(int type, const void *w, size_t w_row_bytes, int64_t n_out, int64_t n_in, void *out);
+/* row i of a matrix of any type, packed or not, as n floats */
+void   kn_get_row(int type, const void *w, size_t w_row_bytes, int64_t i, float *out, int64_t n);
+
 /* ---- vector ops ---- */
 float kn_dot(const float *a, const float *b, int64_t n);
 void  kn_axpy(float *y, float a, const float *x, int64_t n);          /* y += a*x */
@@ -72,7 +91,7 @@ void  kn_delta_step(const float *S_in, float *S_out, const float *q, const float
 const char *kn_isa(void);
 int         kn_cpu_ok(char *why, size_t n);
 
-/* reference (scalar) versions, always compiled, for the kernel tests */
+/* reference (scalar) versions, always compiled, for the kernel tests; w may be packed */
 void  kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                     const float *x, int64_t x_stride, int nr, float *y, int64_t y_stride);
 void  kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,

@@ -91,6 +91,16 @@ static inline void kn_k4_scales(const uint8_t *s12, uint8_t sc[8], uint8_t mn[8]
     memcpy(mn, w + 2, 8);
 }
 
+/* KN_Q8_0_X16 (kernels.h, packed weights): per group of 16 rows, per
+ * 32-element block, KN_X16_BLOCK bytes:
+ *   f16 d[16] (row l's block scale) | 8 chunks of 64 bytes: bytes 4l..4l+3 of
+ *   chunk k are elements 4k..4k+3 of row l, plus 128.
+ * Stored unsigned so that VNNI's vpdpbusd can take the weights as its
+ * unsigned operand and the int8 activations as the signed one; the
+ * activation block sums (s below) take the 128 back out.  Padding rows
+ * have d = 0 and bytes 128. */
+#define KN_X16_BLOCK (2 * KN_PACK_ROWS + KN_PACK_ROWS * KN_QK)   /* = 16 * KN_Q8_0_BYTES */
+
 static inline int kn_is_kquant(int t) { return t == KN_Q4_K || t == KN_Q5_K || t == KN_Q6_K; }
 static inline int kn_is_float(int t) { return t == KN_F32 || t == KN_F16 || t == KN_BF16; }
 
@@ -164,16 +174,21 @@ typedef void (*kn_row_fn)(const uint8_t *w, int64_t n, const kn_arow *a, float *
     static const kn_row_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
                                                 name##_5, name##_6, name##_7, name##_8};
 
-static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_row_bytes, int64_t n_in,
-                                  int64_t i0, int64_t i1, const void *act, size_t act_stride, int nr,
-                                  float *y, int64_t y_stride)
+static inline void kn_act_rows(const void *act, size_t act_stride, int64_t n_in, int nr, kn_arow *a)
 {
-    kn_arow a[KN_MAX_ROWS];
     for (int r = 0; r < nr; r++) {
         const uint8_t *p = (const uint8_t *)act + (size_t)r * act_stride;
         a[r] = (kn_arow){(const int8_t *)p, (const float *)p, kn_act_d(p, n_in), kn_act_s(p, n_in),
                          kn_act_bsum(p, n_in)};
     }
+}
+
+static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_row_bytes, int64_t n_in,
+                                  int64_t i0, int64_t i1, const void *act, size_t act_stride, int nr,
+                                  float *y, int64_t y_stride)
+{
+    kn_arow a[KN_MAX_ROWS];
+    kn_act_rows(act, act_stride, n_in, nr, a);
     for (int64_t i = i0; i < i1; i++) {
         float o[KN_MAX_ROWS];
         fns[nr - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a, o);

@@ -161,6 +161,7 @@ const char *kn_type_name(int type)
     static _Thread_local char buf[24];
     const kn_type_info *t = type_info(type);
     if (t) return t->name;
+    if (type == KN_Q8_0_X16) return "q8_0x16";
     snprintf(buf, sizeof buf, "type %d", type);
     return buf;
 }
@@ -178,6 +179,59 @@ void kn_dequant_row(int type, const void *row, float *out, int64_t n)
 {
     const kn_type_info *t = type_info(type);
     t->deq(row, out, n / t->elems);
+}
+
+/* ==== Packed weights ====
+ * Packing is plain byte shuffling, the same for every build; whether a
+ * build asks for it depends on whether it has the kernel. */
+
+int kn_pack_type(int type)
+{
+#if defined(KN_ISA_AVX512) && defined(__AVX512VNNI__)
+    if (type == KN_Q8_0) return KN_Q8_0_X16;
+#endif
+    return type;
+}
+
+static int64_t kn_groups(int64_t n_out) { return (n_out + KN_PACK_ROWS - 1) / KN_PACK_ROWS; }
+
+size_t kn_pack_bytes(int type, int64_t n_out, int64_t n_in)
+{
+    int64_t rows = kn_pack_type(type) == type ? n_out : kn_groups(n_out) * KN_PACK_ROWS;
+    return (size_t)rows * kn_row_bytes(type, n_in);
+}
+
+void kn_pack(int type, const void *w, size_t w_row_bytes, int64_t n_out, int64_t n_in, void *out)
+{
+    if (kn_pack_type(type) == type) {
+        memcpy(out, w, (size_t)n_out * w_row_bytes);
+        return;
+    }
+    uint8_t *o = out;
+    for (int64_t g = 0; g < kn_groups(n_out); g++)
+        for (int64_t b = 0; b < n_in / KN_QK; b++, o += KN_X16_BLOCK)
+            for (int l = 0; l < KN_PACK_ROWS; l++) {
+                int64_t i = g * KN_PACK_ROWS + l;
+                const uint8_t *src = i < n_out ? (const uint8_t *)w + (size_t)i * w_row_bytes + b * KN_Q8_0_BYTES : NULL;
+                memcpy(o + 2 * l, src ? src : (const uint8_t[2]){0, 0}, 2);
+                for (int j = 0; j < KN_QK; j++)
+                    o[2 * KN_PACK_ROWS + (j / 4) * 4 * KN_PACK_ROWS + 4 * l + j % 4] = (uint8_t)((src ? (int8_t)src[2 + j] : 0) + 128);
+            }
+}
+
+void kn_get_row(int type, const void *w, size_t w_row_bytes, int64_t i, float *out, int64_t n)
+{
+    if (type != KN_Q8_0_X16) {
+        kn_dequant_row(type, (const uint8_t *)w + (size_t)i * w_row_bytes, out, n);
+        return;
+    }
+    const uint8_t *g = (const uint8_t *)w + (size_t)(i - i % KN_PACK_ROWS) * w_row_bytes;
+    int l = (int)(i % KN_PACK_ROWS);
+    for (int64_t b = 0; b < n / KN_QK; b++, g += KN_X16_BLOCK) {
+        float d = kn_f16_f32(kn_rd16(g + 2 * l));
+        for (int j = 0; j < KN_QK; j++)
+            out[b * KN_QK + j] = (float)(g[2 * KN_PACK_ROWS + (j / 4) * 4 * KN_PACK_ROWS + 4 * l + j % 4] - 128) * d;
+    }
 }
 
 /* ==== Activation preparation ==== */
@@ -351,7 +405,7 @@ void kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, i
 {
     float *wf = malloc((size_t)n_in * sizeof *wf);
     for (int64_t i = i0; i < i1; i++) {
-        kn_dequant_row(wtype, (const uint8_t *)w + (size_t)i * w_row_bytes, wf, n_in);
+        kn_get_row(wtype, w, w_row_bytes, i, wf, n_in);
         for (int r = 0; r < nr; r++) {
             double s = 0.0;
             for (int64_t j = 0; j < n_in; j++) s += (double)wf[j] * x[(size_t)r * x_stride + j];

@@ -212,10 +212,10 @@ static void test_formats(void)
 /* ==== Matmul checks ==== */
 
 typedef struct {
-    int type;
+    int type, ptype;         /* the weights' format; the layout kn_matmul gets (kn_pack_type) */
     int64_t n_in, n_out;
     size_t rb, ab;           /* weight row bytes, activation row stride */
-    uint8_t *w, *act;
+    uint8_t *w, *pw, *act;   /* weights; the same packed for kn_matmul (or w) */
     float *x;                /* KN_MAX_ROWS rows of n_in */
 } mm_case;
 
@@ -228,6 +228,9 @@ static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out)
     c->act = xalloc(c->ab * KN_MAX_ROWS);
     c->x = xalloc(sizeof(float) * (size_t)(n_in * KN_MAX_ROWS));
     rand_weights(type, c->w, n_out, n_in);
+    c->ptype = kn_pack_type(type);
+    c->pw = xalloc(kn_pack_bytes(type, n_out, n_in));
+    kn_pack(type, c->w, c->rb, n_out, n_in, c->pw);
     for (int r = 0; r < KN_MAX_ROWS; r++) {
         rand_acts(c->x + r * n_in, n_in);
         if (r == 5) memset(c->x + r * n_in, 0, sizeof(float) * (size_t)n_in);   /* all-zero row */
@@ -235,12 +238,12 @@ static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out)
     }
 }
 
-static void mm_free(mm_case *c) { free(c->w), free(c->act), free(c->x); }
+static void mm_free(mm_case *c) { free(c->w), free(c->pw), free(c->act), free(c->x); }
 
 /* kn_matmul for act rows [r0, r0+nr) over [i0, i1), into y (n_out per row). */
 static void mm_run(const mm_case *c, int r0, int nr, int64_t i0, int64_t i1, float *y)
 {
-    kn_matmul(c->type, c->w, c->rb, c->n_in, i0, i1, c->act + (size_t)r0 * c->ab, c->ab, nr,
+    kn_matmul(c->ptype, c->pw, c->rb, c->n_in, i0, i1, c->act + (size_t)r0 * c->ab, c->ab, nr,
               y + (size_t)r0 * c->n_out, c->n_out);
 }
 
@@ -278,17 +281,20 @@ static double mm_accuracy(const mm_case *c, const float *y, double *rel_rms)
     return worst;
 }
 
-/* Every (nr, first act row, slicing) must reproduce the nr=8 result bit for bit. */
+/* Every (nr, first act row, slicing) must reproduce the nr=8 result bit for bit.
+ * Slices of a packed matrix are cut on its row groups, as the model cuts them. */
 static int mm_deterministic(const mm_case *c, const float *y8)
 {
     size_t ny = (size_t)(c->n_out * KN_MAX_ROWS);
     float *y = xalloc(sizeof(float) * ny);
     int ok = 1;
+    int64_t align = c->ptype != c->type ? KN_PACK_ROWS : 1;
     for (int nr = 1; nr <= KN_MAX_ROWS; nr++) {
         int r0 = (int)(rnd() % (uint32_t)(KN_MAX_ROWS - nr + 1));
         memset(y, 0xff, sizeof(float) * ny);
         for (int64_t i0 = 0; i0 < c->n_out;) {       /* ragged slices, as threads would cut them */
-            int64_t i1 = i0 + 1 + (int64_t)(rnd() % (uint32_t)(c->n_out - i0));
+            int64_t i1 = i0 + align * (1 + (int64_t)(rnd() % (uint32_t)((c->n_out - i0 + align - 1) / align)));
+            if (i1 > c->n_out) i1 = c->n_out;
             mm_run(c, r0, nr, i0, i1, y);
             i0 = i1;
         }
@@ -296,6 +302,20 @@ static int mm_deterministic(const mm_case *c, const float *y8)
                       sizeof(float) * (size_t)(c->n_out * nr));
     }
     free(y);
+    return ok;
+}
+
+/* kn_get_row of the packed matrix equals the source row dequantised. */
+static int mm_packed_rows(const mm_case *c)
+{
+    float *a = xalloc(sizeof(float) * (size_t)c->n_in), *b = xalloc(sizeof(float) * (size_t)c->n_in);
+    int ok = 1;
+    for (int64_t i = 0; i < c->n_out; i++) {
+        kn_dequant_row(c->type, c->w + (size_t)i * c->rb, a, c->n_in);
+        kn_get_row(c->ptype, c->pw, c->rb, i, b, c->n_in);
+        ok &= !memcmp(a, b, sizeof(float) * (size_t)c->n_in);
+    }
+    free(a), free(b);
     return ok;
 }
 
@@ -307,7 +327,7 @@ static void test_matmul(void)
         int64_t bs = kn_block_elems(t) == 1 ? 8 : kn_block_elems(t);
         int64_t n_ins[] = {bs == 8 ? 7 : bs, 2 * bs, 3 * bs + (bs == 8 ? 5 : 0), 2 * 256 + 3 * bs, 1024};
         double worst = 0.0, rms = 0.0;
-        int det = 1, cases = 0;
+        int det = 1, cases = 0, packed_rows = 1;
         for (size_t a = 0; a < sizeof n_ins / sizeof n_ins[0]; a++)
             for (size_t b = 0; b < sizeof n_outs / sizeof n_outs[0]; b++) {
                 if (n_ins[a] % kn_block_elems(t)) continue;
@@ -319,6 +339,7 @@ static void test_matmul(void)
                 if (!(wr <= worst)) worst = wr;
                 if (rr > rms) rms = rr;
                 det &= mm_deterministic(&c, y8);
+                packed_rows &= mm_packed_rows(&c);
                 cases++;
                 free(y8);
                 mm_free(&c);
@@ -326,6 +347,9 @@ static void test_matmul(void)
         report(worst <= 1.0, "matmul %-5s vs reference, %d shapes x 8 rows: worst err/tol %.3f, rel rms err %.1e",
                kn_type_name(t), cases, worst, rms);
         report(det, "matmul %-5s bit-identical for nr 1..8 and ragged row slices", kn_type_name(t));
+        if (kn_pack_type(t) != t)
+            report(packed_rows, "matmul %-5s packed as %s: every row reads back exactly", kn_type_name(t),
+                   kn_type_name(kn_pack_type(t)));
     }
 }
 
@@ -455,8 +479,8 @@ static void *bench_worker(void *p)
     const mm_case *c = j->c;
     int64_t i0 = c->n_out * j->tid / j->nthreads, i1 = c->n_out * (j->tid + 1) / j->nthreads;
     for (int it = 0; it < j->iters; it++) {
-        const uint8_t *w = j->wbase + (size_t)(it % j->copies) * c->rb * (size_t)c->n_out;
-        kn_matmul(c->type, w, c->rb, c->n_in, i0, i1, c->act, c->ab, j->nr, j->y, c->n_out);
+        const uint8_t *w = j->wbase + (size_t)(it % j->copies) * kn_pack_bytes(c->type, c->n_out, c->n_in);
+        kn_matmul(c->ptype, w, c->rb, c->n_in, i0, i1, c->act, c->ab, j->nr, j->y, c->n_out);
         if (j->nthreads > 1) pthread_barrier_wait(j->bar);
     }
     return NULL;
@@ -503,10 +527,10 @@ static void bench(int nthreads)
         for (size_t s = 0; s < 2; s++) {
             mm_case c;
             mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0]);
-            size_t mb = c.rb * (size_t)c.n_out;
+            size_t mb = kn_pack_bytes(c.type, c.n_out, c.n_in);
             int copies = (int)((256u << 20) / mb + 1);
             uint8_t *wbase = xalloc(mb * (size_t)copies);
-            for (int k = 0; k < copies; k++) memcpy(wbase + mb * (size_t)k, c.w, mb);
+            for (int k = 0; k < copies; k++) memcpy(wbase + mb * (size_t)k, c.pw, mb);
             for (int hot = 0; hot < 2; hot++) {
                 printf("%-5s %4lldx%-5lld %-4s", kn_type_name(c.type), (long long)c.n_out, (long long)c.n_in,
                        hot ? "hot" : "cold");
