@@ -1070,6 +1070,8 @@ typedef struct {
     float *hidden;              /* [UBATCH][dim] after the final norm */
     float *logits;              /* [UBATCH][n_vocab] */
     float *mtp_in;              /* [UBATCH][2*dim] MTP head input before eh_proj */
+    float *inv_freq;            /* [n_rot/2] RoPE frequencies */
+    float *rope_cos, *rope_sin; /* [n_rot/2] at the position being rotated */
     uint8_t *act;               /* [UBATCH][max activation row bytes] prepared activations */
 } Scratch;
 
@@ -1110,12 +1112,17 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
     s->hidden = xcalloc(B * c->dim, sizeof(float));
     s->logits = xcalloc(B * c->n_vocab, sizeof(float));
     s->mtp_in = xcalloc(B * 2 * c->dim, sizeof(float));
+    s->inv_freq = xcalloc((size_t)c->n_rot / 2 + 1, sizeof(float));
+    s->rope_cos = xcalloc((size_t)c->n_rot / 2 + 1, sizeof(float));
+    s->rope_sin = xcalloc((size_t)c->n_rot / 2 + 1, sizeof(float));
+    for (int i = 0; i < c->n_rot / 2; i++) s->inv_freq[i] = 1.0f / powf(c->rope_theta, (float)(2 * i) / (float)c->n_rot);
     s->act = xcalloc(B * MAX_PRODUCTS, kn_act_row_bytes(KN_F32, (int64_t)max_in) + 64);
 }
 
 static void scratch_free(Scratch *s) {
     float *bufs[] = {s->x, s->xn, s->proj, s->gate, s->mix, s->k, s->v, s->out, s->ab, s->conv_win, s->decay,
-                     s->beta, s->att, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in};
+                     s->beta, s->att, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in,
+                     s->inv_freq, s->rope_cos, s->rope_sin};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(s->moe_rows);
     free(s->act);
@@ -1163,15 +1170,22 @@ static float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* NeoX-style rotary embedding on the first n_rot dims: pairs (i, i + n_rot/2).
  * Qwen3.5's interleaved multi-axis RoPE reduces to this for text, where the
- * temporal, height and width positions are all the token position. */
-static void rope(float *v, int n_rot, int pos, float theta) {
+ * temporal, height and width positions are all the token position.  The
+ * angles of a position are computed once for all its heads (rope_at). */
+static void rope_at(Scratch *s, int n_rot, int pos) {
+    for (int i = 0; i < n_rot / 2; i++) {
+        float angle = (float)pos * s->inv_freq[i];
+        s->rope_cos[i] = cosf(angle);
+        s->rope_sin[i] = sinf(angle);
+    }
+}
+
+static void rope(const Scratch *s, float *v, int n_rot) {
     int half = n_rot / 2;
     for (int i = 0; i < half; i++) {
-        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)n_rot);
-        float angle = (float)pos * inv_freq, c = cosf(angle), s = sinf(angle);
-        float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        float a = v[i], b = v[i + half], c = s->rope_cos[i], sn = s->rope_sin[i];
+        v[i] = a * c - b * sn;
+        v[i + half] = b * c + a * sn;
     }
 }
 
@@ -1218,15 +1232,16 @@ static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache,
     int hd = c->head_dim, q_dim = c->n_head * hd, kv_dim = c->n_kv_head * hd;
     matmul_set(e, s->xn, n, (Product[]){{&L->wq, s->proj}, {&L->wk, s->k}, {&L->wv, s->v}}, 3);
     for (int r = 0; r < n; r++) {
+        rope_at(s, c->n_rot, pos0 + r);
         for (int h = 0; h < c->n_head; h++) {
             float *q = s->proj + (int64_t)r * 2 * q_dim + (int64_t)h * 2 * hd;
             kn_rmsnorm(q, q, L->q_norm, hd, c->eps);
-            rope(q, c->n_rot, pos0 + r, c->rope_theta);
+            rope(s, q, c->n_rot);
         }
         float *kc = k_cache + (int64_t)(pos0 + r) * kv_dim, *vc = v_cache + (int64_t)(pos0 + r) * kv_dim;
         for (int h = 0; h < c->n_kv_head; h++) {
             kn_rmsnorm(kc + h * hd, s->k + (int64_t)r * kv_dim + h * hd, L->k_norm, hd, c->eps);
-            rope(kc + h * hd, c->n_rot, pos0 + r, c->rope_theta);
+            rope(s, kc + h * hd, c->n_rot);
         }
         memcpy(vc, s->v + (int64_t)r * kv_dim, kv_dim * sizeof *vc);
     }
@@ -2619,6 +2634,7 @@ typedef struct {
     float *h_last;              /* [dim] hidden state of the last position the main model ran */
     Dist p, q[MAX_DRAFT];
     float alpha[MAX_DRAFT];     /* running P(draft i accepted | drafts before it accepted) */
+    int alpha_n[MAX_DRAFT];     /* observations in alpha[i], counted up to ALPHA_SPAN */
     double t_draft, t_verify[MAX_DRAFT + 2]; /* running costs in ms: one draft step, a verify of n tokens */
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
@@ -2795,6 +2811,11 @@ static int emit_tokens(Gen *g, const int32_t *toks, int n, int budget, EmitFn em
     return j;
 }
 
+/* Acceptance rates are plain means over the first ALPHA_SPAN observations
+ * (so a few probes are enough to start drafting), then a moving average
+ * over about as many. */
+#define ALPHA_SPAN 10
+
 /* Verify [last, d1..dk]: the longest accepted prefix, then one token of the
  * main model's own, into out[]; returns the number of accepted drafts. */
 static int verify(Gen *g, int n_draft, int32_t *out) {
@@ -2817,7 +2838,10 @@ static int verify(Gen *g, int n_draft, int32_t *out) {
         g->st.accepted_at[n_acc]++;
         out[n_acc] = drafts[n_acc];
     }
-    for (int i = 0; i < n_draft && i <= n_acc; i++) g->alpha[i] = 0.9f * g->alpha[i] + 0.1f * (i < n_acc);
+    for (int i = 0; i < n_draft && i <= n_acc; i++) {
+        if (g->alpha_n[i] < ALPHA_SPAN) g->alpha_n[i]++;
+        g->alpha[i] += ((float)(i < n_acc) - g->alpha[i]) / (float)g->alpha_n[i];
+    }
     if (n_draft) {
         g->st.steps++;
         g->st.drafted += n_draft;

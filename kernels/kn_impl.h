@@ -37,6 +37,14 @@
 
 #define KN_INLINE static inline __attribute__((always_inline))
 
+/* GCC at -O2 vectorises only loops that need no epilogue or runtime checks;
+ * hot portable loops ask for its full vectoriser (clang's -O2 has it). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define KN_VECTORIZE __attribute__((optimize("O3")))
+#else
+#define KN_VECTORIZE
+#endif
+
 /* ==== Half and bfloat ==== */
 
 static inline float kn_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }

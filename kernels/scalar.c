@@ -247,7 +247,7 @@ size_t kn_act_row_bytes(int wtype, int64_t n)
 /* Round half away from zero without libm, so this stays a tight loop. */
 static inline int kn_round(float v) { return (int)(v + (v < 0 ? -0.5f : 0.5f)); }
 
-void kn_act_prepare(int wtype, const float *x, int64_t n, void *out)
+KN_VECTORIZE void kn_act_prepare(int wtype, const float *x, int64_t n, void *out)
 {
     if (kn_is_float(wtype)) {
         memcpy(out, x, (size_t)n * 4);
@@ -259,7 +259,10 @@ void kn_act_prepare(int wtype, const float *x, int64_t n, void *out)
     for (int64_t b = 0; b < n / bs; b++) {
         const float *xb = x + b * bs;
         float amax = 0.0f;
-        for (int64_t j = 0; j < bs; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        for (int64_t j = 0; j < bs; j++) {      /* not fmaxf: GCC calls libm for it, per element */
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int64_t j = 0; j < bs; j++) {
