@@ -39,7 +39,7 @@ mtp-convert$(SUFFIX): tools/convert.c
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tools/convert.c $(LDFLAGS) $(LDLIBS)
 
 bandwidth: tools/bandwidth.c
-	$(CC) -O2 $(WARN) -o $@ tools/bandwidth.c $(LDLIBS)
+	$(CC) -O3 $(MARCH) $(WARN) -o $@ tools/bandwidth.c $(LDLIBS)
 
 test_kernels$(SUFFIX): tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)

@@ -738,13 +738,15 @@ static size_t placed_bytes(const Mat *w) {
     return (b + 63) / 64 * 64;
 }
 
-/* Give the mapping's pages of a placed matrix back: they are not read again. */
-static void release_pages(const Model *m, const Mat *w) {
+/* The mapping's pages of a matrix: mapped in one call before it is copied
+ * (a page fault per 4 KB made loading 3x slower), given back after, since
+ * they are not read again. */
+static void matrix_pages(const Model *m, const Mat *w, int advice) {
     if (m->file.base == mtp_default_model) return;
     long page = sysconf(_SC_PAGESIZE);
     uintptr_t lo = ((uintptr_t)w->data + page - 1) / page * page;
     uintptr_t hi = ((uintptr_t)w->data + (size_t)w->n_out * w->row_bytes) / page * page;
-    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+    if (hi > lo) madvise((void *)lo, hi - lo, advice);
 }
 
 static void place_weights(Model *m) {
@@ -771,8 +773,9 @@ static void place_weights(Model *m) {
     for (int i = 0; i < n; i++) {
         Mat *x = mats[i];
         size_t bytes = placed_bytes(x);
+        matrix_pages(m, x, MADV_POPULATE_READ);
         kn_pack(x->type, x->data, x->row_bytes, x->n_out, x->n_in, at);
-        release_pages(m, x);
+        matrix_pages(m, x, MADV_DONTNEED);
         x->type = kn_pack_type(x->type);
         x->data = at;
         at += bytes;

@@ -207,15 +207,18 @@ void kn_pack(int type, const void *w, size_t w_row_bytes, int64_t n_out, int64_t
         memcpy(out, w, (size_t)n_out * w_row_bytes);
         return;
     }
+    static const uint8_t zero_block[KN_Q8_0_BYTES];
     uint8_t *o = out;
     for (int64_t g = 0; g < kn_groups(n_out); g++)
         for (int64_t b = 0; b < n_in / KN_QK; b++, o += KN_X16_BLOCK)
             for (int l = 0; l < KN_PACK_ROWS; l++) {
                 int64_t i = g * KN_PACK_ROWS + l;
-                const uint8_t *src = i < n_out ? (const uint8_t *)w + (size_t)i * w_row_bytes + b * KN_Q8_0_BYTES : NULL;
-                memcpy(o + 2 * l, src ? src : (const uint8_t[2]){0, 0}, 2);
-                for (int j = 0; j < KN_QK; j++)
-                    o[2 * KN_PACK_ROWS + (j / 4) * 4 * KN_PACK_ROWS + 4 * l + j % 4] = (uint8_t)((src ? (int8_t)src[2 + j] : 0) + 128);
+                const uint8_t *src = i < n_out ? (const uint8_t *)w + (size_t)i * w_row_bytes + b * KN_Q8_0_BYTES : zero_block;
+                memcpy(o + 2 * l, src, 2);
+                for (int k = 0; k < KN_QK / 4; k++) {   /* 4 weights at a time; +128 on a byte is flipping its top bit */
+                    uint32_t v = kn_rd32(src + 2 + 4 * k) ^ 0x80808080u;
+                    memcpy(o + 2 * KN_PACK_ROWS + 4 * (KN_PACK_ROWS * k + l), &v, 4);
+                }
             }
 }
 
@@ -368,6 +371,23 @@ void kn_sc_delta_step(const float *S_in, float *S_out, const float *q, const flo
     }
 }
 
+/* The per-key form: one dot per score, one axpy per value row into out,
+ * which stays in L1 however long the cache is.  Normalising once at the end
+ * saves a division per key. */
+void kn_sc_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                     float scale, float *sc, float *out)
+{
+    float mx = -INFINITY, sum = 0.0f;
+    for (int t = 0; t < n_keys; t++) {
+        sc[t] = scale * kn_sc_dot(q, k + (size_t)t * kv_stride, hd);
+        mx = fmaxf(mx, sc[t]);
+    }
+    for (int t = 0; t < n_keys; t++) sum += sc[t] = expf(sc[t] - mx);
+    memset(out, 0, (size_t)hd * sizeof *out);
+    for (int t = 0; t < n_keys; t++) kn_sc_axpy(out, sc[t], v + (size_t)t * kv_stride, hd);
+    kn_sc_scale(out, 1.0f / sum, hd);
+}
+
 /* ==== Portable matmul ==== */
 
 /* Weights are dequantised in chunks of this many elements: a multiple of
@@ -435,6 +455,27 @@ void kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const fl
         }
         out[c] = (float)o;
     }
+}
+
+/* Softmax attention as defined, in double; the max is subtracted only to
+ * keep exp in range. */
+void kn_ref_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                      float scale, float *out)
+{
+    double *p = malloc((size_t)n_keys * sizeof *p), mx = -INFINITY, sum = 0.0;
+    for (int t = 0; t < n_keys; t++) {
+        double s = 0.0;
+        for (int j = 0; j < hd; j++) s += (double)q[j] * k[(size_t)t * kv_stride + j];
+        p[t] = scale * s;
+        mx = fmax(mx, p[t]);
+    }
+    for (int t = 0; t < n_keys; t++) sum += p[t] = exp(p[t] - mx);
+    for (int j = 0; j < hd; j++) {
+        double o = 0.0;
+        for (int t = 0; t < n_keys; t++) o += p[t] * v[(size_t)t * kv_stride + j];
+        out[j] = (float)(o / sum);
+    }
+    free(p);
 }
 
 /* ==== Build identity and CPU check ==== */
@@ -554,5 +595,11 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
                    float decay, float beta, float *out, int dk, int dv)
 {
     kn_sc_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
+}
+
+void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                  float scale, float *sc, float *out)
+{
+    kn_sc_attn_head(q, k, v, kv_stride, n_keys, hd, scale, sc, out);
 }
 #endif
