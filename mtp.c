@@ -1208,16 +1208,8 @@ static void attn_head(const AttnJob *j, int r, int h, float *sc) {
     int hd = c->head_dim, kv_dim = c->n_kv_head * hd, kvh = h / (c->n_head / c->n_kv_head);
     const float *q = j->q + (int64_t)r * 2 * c->n_head * hd + (int64_t)h * 2 * hd;
     const float *gate = q + hd;
-    int n_keys = j->pos0 + r + 1;
-    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0;
-    for (int t = 0; t < n_keys; t++) {
-        sc[t] = kn_dot(q, j->k_cache + (int64_t)t * kv_dim + kvh * hd, hd) * scale;
-        if (sc[t] > mx) mx = sc[t];
-    }
-    for (int t = 0; t < n_keys; t++) sum += sc[t] = expf(sc[t] - mx);
     float *o = j->out + (int64_t)r * c->n_head * hd + (int64_t)h * hd;
-    memset(o, 0, hd * sizeof *o);
-    for (int t = 0; t < n_keys; t++) kn_axpy(o, sc[t] / sum, j->v_cache + (int64_t)t * kv_dim + kvh * hd, hd);
+    kn_attn_head(q, j->k_cache + kvh * hd, j->v_cache + kvh * hd, kv_dim, j->pos0 + r + 1, hd, 1.0f / sqrtf((float)hd), sc, o);
     for (int i = 0; i < hd; i++) o[i] *= sigmoidf(gate[i]);
 }
 
@@ -2754,10 +2746,15 @@ static int draft(Gen *g, int k) {
     return n;
 }
 
-/* Expected tokens per ms for k drafts under the running estimates. */
+/* Expected tokens per ms for k drafts under the running estimates.  A draft
+ * position never tested yet is assumed as good as the one before it, so
+ * that deeper drafting gets tried once the first positions do well. */
 static double k_value(const Gen *g, int k) {
-    double expect = 1, run = 1;
-    for (int i = 0; i < k; i++) expect += run *= g->alpha[i];
+    double expect = 1, run = 1, a = 0;
+    for (int i = 0; i < k; i++) {
+        if (i == 0 || g->alpha_n[i]) a = g->alpha[i];
+        expect += run *= a;
+    }
     /* an unmeasured batch is priced like the 3-row kernels measured here: ~0.3 of a step per extra row */
     double tv = g->t_verify[k + 1] > 0 ? g->t_verify[k + 1] : g->t_verify[1] * (1 + 0.3 * k);
     return expect / (k * g->t_draft + tv);

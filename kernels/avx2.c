@@ -385,11 +385,14 @@ void kn_avx2_rmsnorm(float *out, const float *x, const float *w, int64_t n, floa
     for (; i < n; i++) out[i] = w ? x[i] * r * w[i] : x[i] * r;
 }
 
-/* e^x for x in [-87, 88] (clamped outside): x = n ln2 + r with |r| <= ln2/2,
- * e^r by its degree-7 Taylor polynomial (truncation < 6e-9), 2^n into the
- * exponent field. */
+/* e^x for x in [-87, 88]: x = n ln2 + r with |r| <= ln2/2, e^r by its
+ * degree-7 Taylor polynomial (truncation < 6e-9; measured max relative error
+ * 7.6e-8 over [-87, 0]), 2^n into the exponent field.  Above 88 it is e^88;
+ * below -87, and for NaN, it is 0: what is lost is under float's smallest
+ * normal, and a softmax can pad its lanes with -inf. */
 static inline __m256 exp8(__m256 x)
 {
+    __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
     __m256 nf = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(nf, _mm256_set1_ps(0.693145752f), x);      /* ln2 split: hi + lo */
@@ -398,7 +401,7 @@ static inline __m256 exp8(__m256 x)
     __m256 p = _mm256_set1_ps(c[0]);
     for (int k = 1; k < 8; k++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[k]));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(nf), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
 }
 
 void kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n)
@@ -456,6 +459,153 @@ void kn_avx2_delta_step(const float *S_in, float *S_out, const float *q, const f
     for (; c0 + 32 <= dv; c0 += 32) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 4);
     for (; c0 < dv; c0 += 8) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
+
+/* ==== Attention ====
+ * Three passes over the head, each running one instruction sequence per
+ * position whatever n_keys is: scores eight keys at a time (one
+ * accumulator per key, so eight independent FMA chains share each load of
+ * q), their exponentials eight at a time, then the weighted sum of value
+ * rows in chunks of up to 64 floats whose accumulators stay in registers
+ * across a block of keys.  hd need not be a multiple of 8: its last partial
+ * vector is read with masked loads, which touch no memory past the row. */
+
+/* Lanes [0, n) set, n clamped to [0, 8]. */
+static inline __m256i lanes_below(int n)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* Lane u of the result is the sum of the lanes of a[u]. */
+static inline __m256 hsum8x8(const __m256 a[8])
+{
+    __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+static inline float hmax8(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* The n < 8 floats at p as a vector, the other lanes set to fill; and back. */
+static inline __m256 load_part(const float *p, int n, float fill)
+{
+    float t[8] = {fill, fill, fill, fill, fill, fill, fill, fill};
+    memcpy(t, p, (size_t)n * sizeof *t);
+    return _mm256_loadu_ps(t);
+}
+
+static inline void store_part(float *p, __m256 x, int n)
+{
+    float t[8];
+    _mm256_storeu_ps(t, x);
+    memcpy(p, t, (size_t)n * sizeof *t);
+}
+
+/* q . k_t for t = t0..t0+7 in lanes 0..7.  Positions past the last key
+ * repeat it: the lane is computed and ignored, so a key's score never
+ * depends on which block it falls in. */
+static inline __m256 scores8(const float *q, const float *k, int64_t kv_stride, int t0, int n_keys, int hd,
+                             __m256i tail)
+{
+    const float *kt[8];
+    __m256 acc[8];
+    KN_UNROLL for (int u = 0; u < 8; u++) {
+        kt[u] = k + (size_t)(t0 + u < n_keys ? t0 + u : n_keys - 1) * kv_stride;
+        acc[u] = _mm256_setzero_ps();
+    }
+    int j = 0;
+    for (; j + 8 <= hd; j += 8) {
+        __m256 qj = _mm256_loadu_ps(q + j);
+        KN_UNROLL for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(qj, _mm256_loadu_ps(kt[u] + j), acc[u]);
+    }
+    if (j < hd) {
+        __m256 qj = _mm256_maskload_ps(q + j, tail);
+        KN_UNROLL for (int u = 0; u < 8; u++)
+            acc[u] = _mm256_fmadd_ps(qj, _mm256_maskload_ps(kt[u] + j, tail), acc[u]);
+    }
+    return hsum8x8(acc);
+}
+
+/* Value rows are swept once per chunk of the head; taken in blocks of this
+ * many keys (128 KB of rows at hd = 256) they are still in L2 for the
+ * chunks after the first.  Measured at 4099 keys: 5-20% faster than one
+ * sweep over all keys; 32 or 64 keys lost up to 20% with 4 KB row strides.
+ * Between blocks the accumulators pass through out, which keeps each
+ * output's sum in key order: the block size does not change the result. */
+#define KN_ATTN_KEYS 128
+
+/* out[0, 8*(NV-1) + last) += sum_t p[t] v_t over the same range (first:
+ * out starts from 0), NV accumulators carried down the keys; last < 8 reads
+ * the final vector masked. */
+KN_INLINE void attn_out(const float *p, const float *v, int64_t kv_stride, int n_keys, int first, float *out,
+                        int NV, int last)
+{
+    const __m256i mask = lanes_below(last);
+    __m256 acc[8];
+    KN_UNROLL for (int u = 0; u < NV; u++)
+        acc[u] = first ? _mm256_setzero_ps()
+               : u == NV - 1 && last < 8 ? load_part(out + 8 * u, last, 0.0f) : _mm256_loadu_ps(out + 8 * u);
+    for (int t = 0; t < n_keys; t++) {
+        const float *vt = v + (size_t)t * kv_stride;
+        __m256 pt = _mm256_broadcast_ss(p + t);
+        KN_UNROLL for (int u = 0; u < NV; u++) {
+            __m256 x = u == NV - 1 && last < 8 ? _mm256_maskload_ps(vt + 8 * u, mask) : _mm256_loadu_ps(vt + 8 * u);
+            acc[u] = _mm256_fmadd_ps(pt, x, acc[u]);
+        }
+    }
+    KN_UNROLL for (int u = 0; u < NV; u++) {
+        if (u == NV - 1 && last < 8) store_part(out + 8 * u, acc[u], last);
+        else _mm256_storeu_ps(out + 8 * u, acc[u]);
+    }
+}
+
+/* One block of keys over the whole head, in chunks of 64, 32 and 8 floats. */
+static void attn_out_block(const float *p, const float *v, int64_t kv_stride, int n_keys, int hd, int first,
+                           float *out)
+{
+    int c = 0;
+    for (; c + 64 <= hd; c += 64) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 8, 8);
+    if (c + 32 <= hd) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 4, 8), c += 32;
+    for (; c < hd; c += 8) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 1, hd - c < 8 ? hd - c : 8);
+}
+
+void kn_avx2_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                       float scale, float *sc, float *out)
+{
+    const __m256i tail = lanes_below(hd % 8);
+    const __m256 sv = _mm256_set1_ps(scale);
+    const int nfull = n_keys / 8 * 8, rest = n_keys - nfull;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int t0 = 0; t0 < n_keys; t0 += 8) {
+        __m256 s = _mm256_mul_ps(sv, scores8(q, k, kv_stride, t0, n_keys, hd, tail));
+        mx = _mm256_max_ps(mx, s);
+        if (t0 < nfull) _mm256_storeu_ps(sc + t0, s);
+        else store_part(sc + t0, s, rest);
+    }
+    /* the padding lanes hold real scores, so the max is right as it is; in
+     * the exponentials they are -inf, which exp8 takes to exactly 0 */
+    const __m256 m = _mm256_set1_ps(hmax8(mx));
+    __m256 sum = _mm256_setzero_ps();
+    for (int t0 = 0; t0 < nfull; t0 += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t0), m));
+        sum = _mm256_add_ps(sum, e);
+        _mm256_storeu_ps(sc + t0, e);
+    }
+    if (rest) {
+        __m256 e = exp8(_mm256_sub_ps(load_part(sc + nfull, rest, -INFINITY), m));
+        sum = _mm256_add_ps(sum, e);
+        store_part(sc + nfull, e, rest);
+    }
+    for (int t0 = 0; t0 < n_keys; t0 += KN_ATTN_KEYS) {
+        int nb = n_keys - t0 < KN_ATTN_KEYS ? n_keys - t0 : KN_ATTN_KEYS;
+        attn_out_block(sc + t0, v + (size_t)t0 * kv_stride, kv_stride, nb, hd, t0 == 0, out);
+    }
+    kn_avx2_scale(out, 1.0f / hsum8(sum), hd);
+}
 #endif
 
 /* ==== Public entry points of the AVX2 build ==== */
@@ -477,5 +627,11 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
                    float decay, float beta, float *out, int dk, int dv)
 {
     kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
+}
+
+void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                  float scale, float *sc, float *out)
+{
+    kn_avx2_attn_head(q, k, v, kv_stride, n_keys, hd, scale, sc, out);
 }
 #endif

@@ -326,4 +326,10 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
 {
     kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
+
+void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                  float scale, float *sc, float *out)
+{
+    kn_avx2_attn_head(q, k, v, kv_stride, n_keys, hd, scale, sc, out);
+}
 #endif

@@ -84,6 +84,16 @@ void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n);     
 void  kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                     float decay, float beta, float *out, int dk, int dv);
 
+/* One attention head over n_keys >= 1 cached positions:
+ *   sc[t] = scale * q . k_t;  p = softmax(sc);  out = sum_t p[t] v_t
+ * k_t = k + t*kv_stride, v_t = v + t*kv_stride (floats), each hd long, so a
+ * head of a cache that interleaves several is read in place.  sc is scratch
+ * of n_keys floats.  The result depends only on the inputs: speculative
+ * verification recomputes a token's attention with the same n_keys as a
+ * plain decode step and must get the same bits. */
+void  kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                   float scale, float *sc, float *out);
+
 /* ---- build identity ----
  * kn_isa: "avx512", "avx2", "neon" or "scalar".  kn_cpu_ok: 0 (with a reason
  * in why) if this CPU lacks an instruction set extension the build was
@@ -96,5 +106,7 @@ void  kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, 
                     const float *x, int64_t x_stride, int nr, float *y, int64_t y_stride);
 void  kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                         float decay, float beta, float *out, int dk, int dv);
+void  kn_ref_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                       float scale, float *out);
 
 #endif

@@ -216,6 +216,8 @@ void  kn_sc_rmsnorm(float *out, const float *x, const float *w, int64_t n, float
 void  kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n);
 void  kn_sc_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                        float decay, float beta, float *out, int dk, int dv);
+void  kn_sc_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                      float scale, float *sc, float *out);
 
 /* ==== AVX2 kernels (avx2.c), also the base of the AVX-512 build ==== */
 #ifdef KN_BUILD_AVX2
@@ -228,6 +230,8 @@ void  kn_avx2_rmsnorm(float *out, const float *x, const float *w, int64_t n, flo
 void  kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n);
 void  kn_avx2_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                          float decay, float beta, float *out, int dk, int dv);
+void  kn_avx2_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                        float scale, float *sc, float *out);
 #endif
 
 #endif

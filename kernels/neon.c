@@ -332,9 +332,11 @@ void kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps
     for (; i < n; i++) out[i] = w ? x[i] * r * w[i] : x[i] * r;
 }
 
-/* e^x as in avx2.c: x = n ln2 + r, degree-7 Taylor for e^r, 2^n by exponent. */
+/* e^x as in avx2.c: x = n ln2 + r, degree-7 Taylor for e^r, 2^n by
+ * exponent; e^88 above 88, 0 below -87 and for NaN. */
 static inline float32x4_t exp4(float32x4_t x)
 {
+    uint32x4_t live = vcgeq_f32(x, vdupq_n_f32(-87.0f));
     x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.0f)), vdupq_n_f32(88.0f));
     float32x4_t nf = vrndnq_f32(vmulq_n_f32(x, 1.44269504f));
     float32x4_t r = vfmsq_f32(x, nf, vdupq_n_f32(0.693145752f));
@@ -343,7 +345,7 @@ static inline float32x4_t exp4(float32x4_t x)
     float32x4_t p = vdupq_n_f32(c[0]);
     for (int k = 1; k < 8; k++) p = vfmaq_f32(vdupq_n_f32(c[k]), p, r);
     int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(nf), vdupq_n_s32(127)), 23);
-    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+    return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(e))), live));
 }
 
 void kn_swiglu(float *out, const float *gate, const float *up, int64_t n)
@@ -396,5 +398,117 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
     int c0 = 0;
     for (; c0 + 32 <= dv; c0 += 32) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 8);
     for (; c0 < dv; c0 += 4) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
+}
+
+/* ==== Attention ====
+ * The three passes of avx2.c's, on 4-float vectors: scores eight keys at a
+ * time, exponentials four at a time, then the weighted sum of value rows in
+ * chunks of up to 64 floats held in 16 of the 32 registers across a block
+ * of keys.  NEON has no masked loads, so the hd % 4 tail is scalar. */
+
+/* The n < 4 floats at p as a vector, the other lanes set to fill; and back. */
+static inline float32x4_t load_part(const float *p, int n, float fill)
+{
+    float t[4] = {fill, fill, fill, fill};
+    memcpy(t, p, (size_t)n * sizeof *t);
+    return vld1q_f32(t);
+}
+
+static inline void store_part(float *p, float32x4_t x, int n)
+{
+    float t[4];
+    vst1q_f32(t, x);
+    memcpy(p, t, (size_t)n * sizeof *t);
+}
+
+/* s[u] = q . k_t for t = t0 + u, u < 8.  Positions past the last key repeat
+ * it: the lane is computed and ignored, so a key's score never depends on
+ * which block it falls in. */
+static inline void scores8(const float *q, const float *k, int64_t kv_stride, int t0, int n_keys, int hd,
+                           float s[8])
+{
+    const float *kt[8];
+    float32x4_t acc[8];
+    float tail[8] = {0};
+    KN_UNROLL for (int u = 0; u < 8; u++) {
+        kt[u] = k + (size_t)(t0 + u < n_keys ? t0 + u : n_keys - 1) * kv_stride;
+        acc[u] = vdupq_n_f32(0.0f);
+    }
+    int j = 0;
+    for (; j + 4 <= hd; j += 4) {
+        float32x4_t qj = vld1q_f32(q + j);
+        KN_UNROLL for (int u = 0; u < 8; u++) acc[u] = vfmaq_f32(acc[u], qj, vld1q_f32(kt[u] + j));
+    }
+    for (; j < hd; j++)
+        for (int u = 0; u < 8; u++) tail[u] = fmaf(q[j], kt[u][j], tail[u]);
+    vst1q_f32(s, vaddq_f32(vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3])), vld1q_f32(tail)));
+    vst1q_f32(s + 4, vaddq_f32(vpaddq_f32(vpaddq_f32(acc[4], acc[5]), vpaddq_f32(acc[6], acc[7])), vld1q_f32(tail + 4)));
+}
+
+/* Value rows in blocks of keys, accumulators through out between blocks:
+ * as in avx2.c, which says why. */
+#define KN_ATTN_KEYS 128
+
+/* out[0, 4 NV) += sum_t p[t] v_t over the same range (first: out starts
+ * from 0), NV accumulators carried down the keys. */
+KN_INLINE void attn_out(const float *p, const float *v, int64_t kv_stride, int n_keys, int first, float *out, int NV)
+{
+    float32x4_t acc[16];
+    KN_UNROLL for (int u = 0; u < NV; u++) acc[u] = first ? vdupq_n_f32(0.0f) : vld1q_f32(out + 4 * u);
+    for (int t = 0; t < n_keys; t++) {
+        const float *vt = v + (size_t)t * kv_stride;
+        KN_UNROLL for (int u = 0; u < NV; u++) acc[u] = vfmaq_n_f32(acc[u], vld1q_f32(vt + 4 * u), p[t]);
+    }
+    KN_UNROLL for (int u = 0; u < NV; u++) vst1q_f32(out + 4 * u, acc[u]);
+}
+
+/* One block of keys over the head's first hd / 4 * 4 floats, in chunks of
+ * 64, 16 and 4. */
+static void attn_out_block(const float *p, const float *v, int64_t kv_stride, int n_keys, int hd, int first,
+                           float *out)
+{
+    int c = 0;
+    for (; c + 64 <= hd; c += 64) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 16);
+    for (; c + 16 <= hd; c += 16) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 4);
+    for (; c + 4 <= hd; c += 4) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 1);
+}
+
+void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                  float scale, float *sc, float *out)
+{
+    float32x4_t mx = vdupq_n_f32(-INFINITY);
+    for (int t0 = 0; t0 < n_keys; t0 += 8) {
+        float s[8];
+        scores8(q, k, kv_stride, t0, n_keys, hd, s);
+        float32x4_t s0 = vmulq_n_f32(vld1q_f32(s), scale), s1 = vmulq_n_f32(vld1q_f32(s + 4), scale);
+        mx = vmaxq_f32(mx, vmaxq_f32(s0, s1));
+        vst1q_f32(s, s0), vst1q_f32(s + 4, s1);
+        memcpy(sc + t0, s, (size_t)(n_keys - t0 < 8 ? n_keys - t0 : 8) * sizeof *s);
+    }
+    /* the padding lanes hold real scores, so the max is right as it is; in
+     * the exponentials they are -inf, which exp4 takes to exactly 0 */
+    const float32x4_t m = vdupq_n_f32(vmaxvq_f32(mx));
+    float32x4_t sum = vdupq_n_f32(0.0f);
+    const int nfull = n_keys / 4 * 4, rest = n_keys - nfull;
+    for (int t = 0; t < nfull; t += 4) {
+        float32x4_t e = exp4(vsubq_f32(vld1q_f32(sc + t), m));
+        sum = vaddq_f32(sum, e);
+        vst1q_f32(sc + t, e);
+    }
+    if (rest) {
+        float32x4_t e = exp4(vsubq_f32(load_part(sc + nfull, rest, -INFINITY), m));
+        sum = vaddq_f32(sum, e);
+        store_part(sc + nfull, e, rest);
+    }
+    for (int t0 = 0; t0 < n_keys; t0 += KN_ATTN_KEYS) {
+        int nb = n_keys - t0 < KN_ATTN_KEYS ? n_keys - t0 : KN_ATTN_KEYS;
+        attn_out_block(sc + t0, v + (size_t)t0 * kv_stride, kv_stride, nb, hd, t0 == 0, out);
+    }
+    for (int c = hd / 4 * 4; c < hd; c++) {
+        float o = 0.0f;
+        for (int t = 0; t < n_keys; t++) o = fmaf(sc[t], v[(size_t)t * kv_stride + c], o);
+        out[c] = o;
+    }
+    kn_scale(out, 1.0f / vaddvq_f32(sum), hd);
 }
 #endif

@@ -462,7 +462,8 @@ void kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const fl
 void kn_ref_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
                       float scale, float *out)
 {
-    double *p = malloc((size_t)n_keys * sizeof *p), mx = -INFINITY, sum = 0.0;
+    double *p = malloc((size_t)n_keys * sizeof *p);
+    double mx = -INFINITY, sum = 0.0;
     for (int t = 0; t < n_keys; t++) {
         double s = 0.0;
         for (int j = 0; j < hd; j++) s += (double)q[j] * k[(size_t)t * kv_stride + j];

@@ -458,6 +458,159 @@ static void test_delta(void)
     }
 }
 
+/* ==== Attention checks ==== */
+
+/* The accuracy kn_attn_head's exp must have, which the tolerances below
+ * assume: libm's expf is within an ulp, the SIMD ones within 1.3 ulp
+ * (7.6e-8, measured for avx2.c's); test_attn_exp checks it. */
+#define EXP_ERR 2e-7
+
+/* Roughly N(0,1): three uniforms on [-1, 1] have variance 1/3 each. */
+static float nrand(void) { return frand() + frand() + frand(); }
+
+/* A cache of n positions holding two heads each, kv_stride = 2*hd + 3 apart,
+ * the tested head second so that its last row ends the data.  Every other
+ * float, and 16 past the end, is NaN: a read outside the head's rows
+ * poisons the result.  Returns the buffer; the head starts at + hd + 3. */
+static float *attn_cache(int hd, int n)
+{
+    int64_t stride = 2 * hd + 3;
+    size_t len = (size_t)n * stride + 16;
+    float *c = xalloc(sizeof(float) * len);
+    for (size_t i = 0; i < len; i++) c[i] = NAN;
+    for (int t = 0; t < n; t++)
+        for (int j = 0; j < hd; j++) c[(size_t)t * stride + hd + 3 + j] = nrand();
+    return c;
+}
+
+/* Worst |got - ref| / tol over the head's outputs; *err_vmax gets the worst
+ * |got - ref| / max|v|.  tol is first order in the unit roundoff u.  With
+ * s_t the exact scores, m their max and p_t the exact probabilities, a kernel
+ * computes e^(s_t - m) (1 + eta_t) with |eta_t| <= d_t, d_t the sum of
+ *   - the dot product's error, (hd/4 + 8) u scale sum_j |q_j k_tj|, the
+ *     bound kn_dot is held to;
+ *   - the rounding of the scaling and of the subtraction of the max,
+ *     u (|s_t| + |s_t - m|) (an error in m shifts every score alike and
+ *     cancels in the softmax);
+ *   - exp's own, EXP_ERR.
+ * Normalising, p_t moves by at most p_t (d_t + A), A = sum_u p_u d_u, so out_j
+ * by sum_t p_t d_t |v_tj| + A M_j, M_j = sum_t p_t |v_tj|.  The sum of the
+ * exponentials and the weighted sum of value rows are sums of n positive,
+ * resp. n terms bounded by sum_t e_t |v_tj|: (n - 1) u each, in whatever
+ * order, relative to M_j; the unfused products, 1/sum, the final scaling and
+ * the reference's rounding to float take one u each: (2n + 4) u M_j in all.
+ * A SIMD exp flushes values under e^-87 < 2e-38 to 0: n 2e-38 max|v| at
+ * most.  The factor 1.01 covers the higher-order terms (d_t stays < 0.01). */
+static double attn_accuracy(const float *q, const float *k, const float *v, int64_t stride, int n, int hd,
+                            float scale, const float *got, double *err_vmax)
+{
+    double *p = xalloc(sizeof(double) * (size_t)n), *d = xalloc(sizeof(double) * (size_t)n);
+    double mx = -INFINITY, sum = 0, a = 0, vmax = 0, worst = 0;
+    for (int t = 0; t < n; t++) {
+        double st = 0, mag = 0;
+        for (int j = 0; j < hd; j++) {
+            st += (double)q[j] * k[(size_t)t * stride + j];
+            mag += fabs((double)q[j] * k[(size_t)t * stride + j]);
+            vmax = fmax(vmax, fabs(v[(size_t)t * stride + j]));
+        }
+        p[t] = scale * st, d[t] = (hd / 4.0 + 8) * ULP * scale * mag;
+        mx = fmax(mx, p[t]);
+    }
+    for (int t = 0; t < n; t++) {
+        d[t] += ULP * (fabs(p[t]) + fabs(p[t] - mx)) + EXP_ERR;
+        sum += p[t] = exp(p[t] - mx);
+    }
+    for (int t = 0; t < n; t++) p[t] /= sum, a += p[t] * d[t];
+    float *ref = xalloc(sizeof(float) * (size_t)hd);
+    kn_ref_attn_head(q, k, v, stride, n, hd, scale, ref);
+    *err_vmax = 0;
+    for (int j = 0; j < hd; j++) {
+        double m = 0, e = 0;
+        for (int t = 0; t < n; t++) {
+            double av = fabs(v[(size_t)t * stride + j]);
+            m += p[t] * av, e += p[t] * d[t] * av;
+        }
+        double tol = 1.01 * (e + a * m + (2.0 * n + 4) * ULP * m) + n * 2e-38 * vmax;
+        double err = fabs((double)got[j] - ref[j]);
+        if (!(err / tol <= worst)) worst = isnan(err) ? INFINITY : err / tol;
+        *err_vmax = fmax(*err_vmax, err / vmax);
+    }
+    free(p), free(d), free(ref);
+    return worst;
+}
+
+/* Every key count against the reference, with scores of order 1 (a model's
+ * usual case) and of order 30 (q scaled up, so most probabilities underflow
+ * and the flush to 0 matters).  The head sizes take every chunk width of the
+ * SIMD output loops (96 = 64 + 32) and ragged tails (13, 3).  Also: sc and out
+ * are not overrun, and the same values in a contiguous cache give the same
+ * bits (the result depends on the inputs only, not on where they sit). */
+static void test_attn(void)
+{
+    static const int hds[] = {8, 64, 96, 128, 256, 13, 3}, keys[] = {1, 2, 7, 33, 500, 4099};
+    const float guard = 12345.0f;
+    for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++) {
+        int hd = hds[hi];
+        double worst = 0, worst_v = 0;
+        int guards_ok = 1, same = 1;
+        for (size_t ki = 0; ki < sizeof keys / sizeof keys[0]; ki++)
+            for (int spread = 0; spread < 2; spread++) {
+                int n = keys[ki];
+                int64_t stride = 2 * hd + 3;
+                float *kc = attn_cache(hd, n), *vc = attn_cache(hd, n);
+                const float *k = kc + hd + 3, *v = vc + hd + 3;
+                float *q = xalloc(sizeof(float) * (size_t)(hd + 16)), *sc = xalloc(sizeof(float) * (size_t)(n + 8));
+                float *out = xalloc(sizeof(float) * (size_t)(hd + 8)), *out2 = xalloc(sizeof(float) * (size_t)hd);
+                for (int j = 0; j < hd + 16; j++) q[j] = j < hd ? nrand() * (spread ? 30.0f : 1.0f) : NAN;
+                for (int i = 0; i < 8; i++) sc[n + i] = out[hd + i] = guard;
+                float scale = 1.0f / sqrtf((float)hd);
+                kn_attn_head(q, k, v, stride, n, hd, scale, sc, out);
+                for (int i = 0; i < 8; i++) guards_ok &= sc[n + i] == guard && out[hd + i] == guard;
+                double ev, r = attn_accuracy(q, k, v, stride, n, hd, scale, out, &ev);
+                if (!(r <= worst)) worst = r;
+                worst_v = fmax(worst_v, ev);
+
+                float *k2 = xalloc(sizeof(float) * (size_t)n * hd), *v2 = xalloc(sizeof(float) * (size_t)n * hd);
+                for (int t = 0; t < n; t++) {
+                    memcpy(k2 + (size_t)t * hd, k + (size_t)t * stride, sizeof(float) * (size_t)hd);
+                    memcpy(v2 + (size_t)t * hd, v + (size_t)t * stride, sizeof(float) * (size_t)hd);
+                }
+                kn_attn_head(q, k2, v2, hd, n, hd, scale, sc, out2);
+                same &= !memcmp(out, out2, sizeof(float) * (size_t)hd);
+                free(kc), free(vc), free(q), free(sc), free(out), free(out2), free(k2), free(v2);
+            }
+        report(worst <= 1 && guards_ok && same,
+               "kn_attn_head hd=%-3d n_keys 1..4099, scores ~1 and ~30: worst err/tol %.3f, err %.1e of max|v|%s%s",
+               hd, worst, worst_v, guards_ok ? "" : ", sc or out overrun", same ? "" : ", layout changes the result");
+    }
+}
+
+/* Two keys whose scores are 0 and -x, value rows 0 and 1: every output is
+ * e^-x / (1 + e^-x) computed from the kernel's exp, so its relative error is
+ * exp's (times 1/(1 + e^-x) <= 1) plus the rounding of 1 + e^-x, of its
+ * reciprocal and of the product, 3 u.  Past x = 87 a SIMD exp flushes to 0,
+ * an absolute error under 2e-38. */
+static void test_attn_exp(void)
+{
+    enum { HD = 8 };
+    float q[HD] = {1}, k[2 * HD] = {0}, v[2 * HD] = {0}, sc[2], out[HD];
+    for (int j = 0; j < HD; j++) v[HD + j] = 1.0f;
+    double worst = 0, rel = 0;
+    for (int i = 0; i < 20000; i++) {
+        float x = i < 2 ? 87.0f * i : 100.0f * (frand() + 1.0f) / 2.0f;
+        k[HD] = -x;
+        kn_attn_head(q, k, v, HD, 2, HD, 1.0f, sc, out);
+        double ref = exp(-(double)x) / (1.0 + exp(-(double)x));
+        for (int j = 0; j < HD; j++) {
+            double err = fabs(out[j] - ref), tol = ref * (EXP_ERR + 3 * ULP) + 2e-38;
+            if (!(err / tol <= worst)) worst = isnan(err) ? INFINITY : err / tol;
+            if (x <= 87.0f) rel = fmax(rel, err / ref);
+        }
+    }
+    report(worst <= 1, "kn_attn_head's exp, via two scores x apart, x in [0, 100]: max rel err %.1e for x <= 87, "
+           "worst err/tol %.3f (tol %.0e + 3 ulp relative, 2e-38 absolute)", rel, worst, EXP_ERR);
+}
+
 /* ==== Micro-benchmark ====
  * GB/s of weights streamed by kn_matmul, cold (rotating through enough
  * copies of the matrix to defeat the caches, as decoding does) and hot
@@ -576,6 +729,8 @@ int main(int argc, char **argv)
     test_matmul();
     test_vector_ops();
     test_delta();
+    test_attn();
+    test_attn_exp();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
