@@ -2629,7 +2629,7 @@ typedef struct {
     float *h_last;              /* [dim] hidden state of the last position the main model ran */
     Dist p, q[MAX_DRAFT];
     float alpha[MAX_DRAFT];     /* running P(draft i accepted | drafts before it accepted) */
-    int alpha_n[MAX_DRAFT];     /* observations in alpha[i], counted up to ALPHA_SPAN */
+    int alpha_n[MAX_DRAFT];     /* weight of alpha[i]: 1 (the prior alone) plus observations, up to ALPHA_SPAN */
     double t_draft, t_verify[MAX_DRAFT + 2]; /* running costs in ms: one draft step, a verify of n tokens */
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
@@ -2659,6 +2659,7 @@ static void gen_init(Gen *g, Engine *e, Sampler *smp, const SpecCfg *spec, int u
     for (int i = 0; i < MAX_DRAFT; i++) {
         dist_init(&g->q[i], c->n_vocab);
         g->alpha[i] = 0.5f;
+        g->alpha_n[i] = 1;
     }
 }
 
@@ -2678,14 +2679,15 @@ static void mtp_push(Gen *g, const float *h, int32_t next) {
     g->pend_t[g->n_pend++] = next;
 }
 
-/* Feed pending rows to the head; with want_logits the last row's draft
- * logits are left in s.logits, and with mtp_logits_out every row's go there. */
-static void mtp_catch_up(Gen *g, int want_logits) {
+/* Feed all but the last `leave` pending rows to the head; with want_logits
+ * the last fed row's draft logits are left in s.logits, and with
+ * mtp_logits_out every row's go there. */
+static void mtp_catch_up(Gen *g, int want_logits, int leave) {
     Engine *e = g->e;
-    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0;
-    while (done < g->n_pend) {
-        int n = g->n_pend - done < UBATCH ? g->n_pend - done : UBATCH;
-        int last = done + n == g->n_pend;
+    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0, todo = g->n_pend - leave;
+    while (done < todo) {
+        int n = todo - done < UBATCH ? todo - done : UBATCH;
+        int last = done + n == todo;
         int logits = g->mtp_logits_out ? LOGITS_ALL : last && want_logits ? LOGITS_LAST : LOGITS_NONE;
         mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, logits,
                     g->mtp_logits_out ? V : g->spec.draft_vocab);
@@ -2696,7 +2698,9 @@ static void mtp_catch_up(Gen *g, int want_logits) {
         e->st.mtp_n += n;
         done += n;
     }
-    g->n_pend = 0;
+    memmove(g->pend_h, g->pend_h + (int64_t)done * D, (size_t)leave * D * sizeof(float));
+    memmove(g->pend_t, g->pend_t + done, (size_t)leave * sizeof *g->pend_t);
+    g->n_pend = leave;
 }
 
 /* Append tokens to the sequence and run every not-yet-processed one through
@@ -2718,7 +2722,7 @@ static void gen_feed(Gen *g, const int32_t *tokens, int n, FILE *logits_out) {
         memcpy(g->h_last, e->s.hidden + (int64_t)(m - 1) * c->dim, c->dim * sizeof(float));
         if (!g->use_mtp) continue;
         for (int r = 0; r < m && p0 + r + 1 < g->n_toks; r++) mtp_push(g, e->s.hidden + (int64_t)r * c->dim, g->toks[p0 + r + 1]);
-        if (g->n_pend >= UBATCH) mtp_catch_up(g, 0);
+        if (g->n_pend >= UBATCH) mtp_catch_up(g, 0, 0);
     }
 }
 
@@ -2735,7 +2739,7 @@ static float top_prob(const float *lg, int n) {
 static int draft(Gen *g, int k) {
     Engine *e = g->e;
     int32_t *drafts = g->toks + g->n_toks;
-    mtp_catch_up(g, 1);
+    mtp_catch_up(g, 1, 0);
     int n = 0;
     for (; n < k; n++) {
         if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
@@ -2752,11 +2756,14 @@ static int draft(Gen *g, int k) {
 static double k_value(const Gen *g, int k) {
     double expect = 1, run = 1, a = 0;
     for (int i = 0; i < k; i++) {
-        if (i == 0 || g->alpha_n[i]) a = g->alpha[i];
+        if (i == 0 || g->alpha_n[i] > 1) a = g->alpha[i];
         expect += run *= a;
     }
-    /* an unmeasured batch is priced like the 3-row kernels measured here: ~0.3 of a step per extra row */
-    double tv = g->t_verify[k + 1] > 0 ? g->t_verify[k + 1] : g->t_verify[1] * (1 + 0.3 * k);
+    /* an unmeasured batch: the largest measured one plus 0.2 step per extra
+     * row, a little optimistic so that it gets tried (and then measured) */
+    int j = k;
+    while (g->t_verify[j + 1] <= 0) j--;
+    double tv = g->t_verify[j + 1] + 0.2 * (k - j) * g->t_verify[1];
     return expect / (k * g->t_draft + tv);
 }
 
@@ -2811,9 +2818,10 @@ static int emit_tokens(Gen *g, const int32_t *toks, int n, int budget, EmitFn em
     return j;
 }
 
-/* Acceptance rates are plain means over the first ALPHA_SPAN observations
- * (so a few probes are enough to start drafting), then a moving average
- * over about as many. */
+/* Acceptance rates start as a prior of 1/2 worth one observation and are
+ * plain means with it until ALPHA_SPAN observations (so one probe moves
+ * them to 1/4 or 3/4, and a few are enough to start drafting), then a
+ * moving average over about as many. */
 #define ALPHA_SPAN 10
 
 /* Verify [last, d1..dk]: the longest accepted prefix, then one token of the
@@ -2886,8 +2894,12 @@ static int draft_room(Gen *g, int budget) {
 
 /* One step from the sequence's last token: draft with the head, then verify. */
 static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
-    if (g->use_mtp && g->n_pend >= UBATCH) mtp_catch_up(g, 0);
+    if (g->use_mtp && g->n_pend >= UBATCH) mtp_catch_up(g, 0, 0);
     int k = draft_room(g, budget);
+    /* rows that only keep the head in step are not a draft's cost: after
+     * steps without drafts there are many, and counting them made drafting
+     * look dearer than it is */
+    if (k && g->n_pend > 1) mtp_catch_up(g, 0, 1);
     double t0 = now_ms();
     int n_draft = k ? draft(g, k) : 0;
     if (k) {
@@ -2904,7 +2916,7 @@ static void generate(Gen *g, const int32_t *prompt, int n_prompt, int budget, FI
     double t0 = now_ms();
     gen_feed(g, prompt, n_prompt, logits_out);
     if (g->mtp_logits_out) {
-        mtp_catch_up(g, 0);
+        mtp_catch_up(g, 0, 0);
         g->mtp_logits_out = NULL;
     }
     g->st.n_prompt += n_prompt;
