@@ -8,11 +8,12 @@
  * The int8 dots follow avx2.c, 64 bytes at a time.  AVX-512 has no vpsignb,
  * so q8_0's signed weights meet the activations as |w| against x negated
  * under the mask of negative w.  With VNNI, vpdpbusd and vpdpwssd fold the
- * widening multiply-adds and the accumulation into one instruction.
+ * widening multiply-adds and the accumulation into one instruction, and
+ * q8_0, q4_K and q6_K are read packed sixteen rows to a register (KN_*_X16).
  *
- * This file has been compiled (-march=icelake-server, sapphirerapids) but
- * never run by its author: the development machine has no AVX-512.  Run
- * ./test_kernels on an AVX-512 machine before trusting it.
+ * The per-row kernels were first written without an AVX-512 machine; the
+ * packed ones were written and measured on an AVX-512 VNNI Xeon, where
+ * ./test_kernels passes for the whole file.
  */
 #include "kn_impl.h"
 
@@ -99,39 +100,188 @@ KN_INLINE void q8_0_row(const uint8_t *w, int64_t n, const kn_arow *a, float *ou
 }
 
 #ifdef __AVX512VNNI__
-/* ==== q8_0 packed sixteen rows to a register (KN_Q8_0_X16) ====
- * Lane l of every vector is output row l of the group: a block is eight
- * vpdpbusd of the stored weights (w + 128) against four activation bytes
- * broadcast to all lanes, then one scale per lane.  No horizontal sums, and
- * the weights of a block are loaded once for all NR activation rows. */
+/* ==== Packed sixteen rows to a register (KN_*_X16, kn_impl.h) ====
+ * Lane l of every vector is output row l of the group: four weights of
+ * each of the 16 rows meet four activation bytes broadcast to all lanes in
+ * one vpdpbusd, then one scale per lane.  No horizontal sums, and a block's
+ * weights are unpacked once for all NR activation rows. */
+
+/* init plus the dot of nk (4 or 8) chunks of 16 rows x 4 unsigned weights
+ * with activation bytes x[0..4nk), four per chunk.  Eight go in two
+ * interleaved chains: a chain of eight dependent vpdpbusd is longer than
+ * the out-of-order window overlaps well. */
+KN_INLINE __m512i dot_x16(__m512i init, const __m512i *q, const int8_t *x, int nk)
+{
+    const int two = nk == 8;
+    __m512i s1 = _mm512_setzero_si512();
+    KN_UNROLL for (int k = 0; k < nk; k += 1 + two) {
+        init = _mm512_dpbusd_epi32(init, q[k], _mm512_set1_epi32((int)kn_rd32((const uint8_t *)x + 4 * k)));
+        if (two) s1 = _mm512_dpbusd_epi32(s1, q[k + 1], _mm512_set1_epi32((int)kn_rd32((const uint8_t *)x + 4 * k + 4)));
+    }
+    return two ? _mm512_add_epi32(init, s1) : init;
+}
+
+/* A group's weights stream through once, in order, yet the hardware
+ * prefetchers leave the latency of their loads exposed: asking for the
+ * lines X16_AHEAD bytes ahead into L1 gained 10-20% on weights in L2 or L3
+ * and 15-30% on weights streamed from memory, at every nr (one loss: q8_0,
+ * one activation row, weights in L3, -13%).  Each call covers the bytes
+ * its caller is about to read, so the prefetches walk the stream without
+ * gaps. */
+#define X16_AHEAD 2048
+KN_INLINE void prefetch_x16(const uint8_t *p, int bytes)
+{
+    KN_UNROLL for (int k = 0; k < bytes; k += 64) _mm_prefetch((const char *)p + X16_AHEAD + k, _MM_HINT_T0);
+}
+
+/* Bits of a where c is set, of b elsewhere. */
+static inline __m512i select_bits(__m512i c, __m512i a, __m512i b) { return _mm512_ternarylogic_epi32(c, a, b, 0xca); }
+
+/* vpshufb indices for word i of a 128-bit lane: its byte e into the low
+ * byte of the word, and of its upper int16 half too if both; 0x80 zeroes. */
+static inline int word_byte_index(int i, int e, int both)
+{
+    uint32_t b = (uint32_t)(4 * i + e);
+    return (int)(0x80008000u | (both ? b : 0x80u) << 16 | b);
+}
+
+/* Int32 lane l = byte e of word l of v; with both, byte e in both int16 halves. */
+KN_INLINE __m512i word_byte(__m512i v, int e, int both)
+{
+    return _mm512_shuffle_epi8(v, _mm512_set4_epi32(word_byte_index(3, e, both), word_byte_index(2, e, both),
+                                                    word_byte_index(1, e, both), word_byte_index(0, e, both)));
+}
+
+/* q8_0: a block is eight chunks of the stored weights (w + 128); the
+ * activation block sums take the 128 back out. */
 KN_INLINE void q8_0x16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m512 *acc, int NR)
 {
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / KN_QK; b++, w += KN_X16_BLOCK) {
+        prefetch_x16(w, KN_X16_BLOCK);
         __m512 dw = _mm512_cvtph_ps(load32(w));
         __m512i q[8];
-        KN_UNROLL for (int k = 0; k < 8; k++) q[k] = load64(w + 32 + 64 * k);
+        KN_UNROLL for (int k = 0; k < 8; k++) {   /* kept in registers: GCC reloads them per row otherwise */
+            q[k] = load64(w + 32 + 64 * k);
+            KN_KEEP(q[k]);
+        }
         KN_UNROLL for (int r = 0; r < NR; r++) {
-            const uint8_t *x = (const uint8_t *)(a[r].q + b * KN_QK);
-            __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
-            KN_UNROLL for (int k = 0; k < 8; k += 2) {
-                s0 = _mm512_dpbusd_epi32(s0, q[k], _mm512_set1_epi32((int)kn_rd32(x + 4 * k)));
-                s1 = _mm512_dpbusd_epi32(s1, q[k + 1], _mm512_set1_epi32((int)kn_rd32(x + 4 * k + 4)));
-            }
+            const int8_t *x = a[r].q + b * KN_QK;
+            __m512i s = dot_x16(_mm512_setzero_si512(), q, x, 8);
             /* d_a * sum((w + 128) x) - 128 * s, s = d_a * sum(x) */
-            __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(a[r].d[b]),
+            __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a[r].d[b]),
                                        _mm512_set1_ps(128.0f * a[r].s[b]));
             acc[r] = _mm512_fmadd_ps(dw, t, acc[r]);
         }
     }
 }
 
-KN_INLINE void q8_0x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
-                            const kn_arow *a, float *y, int64_t y_stride, int NR)
+/* q4_K: per 64 elements, eight chunks whose low nibbles are sub-block 2g
+ * and whose high nibbles, left in place (16 q, up to 240), are sub-block
+ * 2g+1; its scale is divided by 16 to match.  In int32, with |x| <= 127:
+ * sub-block sums at most 32 * 240 * 127 = 975360 in magnitude (exact in
+ * float, < 2^24), then weighted by their scale in float; the mins meet the
+ * activation sums over their sub-blocks, bsum_2j + bsum_2j+1 (|.| <= 4064),
+ * at most 8 * 63 * 4064 = 2048256. */
+KN_INLINE void q4kx16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m512 *acc, int NR)
+{
+    const __m512i lo = bytes(15), six = bytes(0x3f), top = bytes(0x30);
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QKK; b++, w += KN_Q4_K_X16_BLOCK) {
+        /* kn_k4_scales for 16 rows: scales 0-3, 4-7, mins 0-3, 4-7 as bytes of each lane's word */
+        const uint8_t *sw = w + KN_Q4_K_X16_SCALES;
+        __m512i s0 = load64(sw), s1 = load64(sw + 64), s2 = load64(sw + 128);
+        __m512i sm[4] = {
+            _mm512_and_si512(s0, six),
+            select_bits(lo, s2, _mm512_and_si512(_mm512_srli_epi32(s0, 2), top)),
+            _mm512_and_si512(s1, six),
+            select_bits(lo, _mm512_srli_epi32(s2, 4), _mm512_and_si512(_mm512_srli_epi32(s1, 2), top)),
+        };
+        __m512 sc[8];
+        __m512i mn[8];
+        KN_UNROLL for (int j = 0; j < 8; j++) {
+            sc[j] = _mm512_cvtepi32_ps(word_byte(sm[j / 4], j % 4, 0));
+            if (j & 1) sc[j] = _mm512_mul_ps(sc[j], _mm512_set1_ps(1.0f / 16));
+            mn[j] = word_byte(sm[2 + j / 4], j % 4, 1);
+        }
+        __m512 sum[KN_MAX_ROWS];
+        __m512i mins[KN_MAX_ROWS];
+        KN_UNROLL for (int r = 0; r < NR; r++) sum[r] = _mm512_setzero_ps(), mins[r] = _mm512_setzero_si512();
+        for (int g = 0; g < 4; g++) {
+            __m512i q[16];
+            prefetch_x16(w + KN_Q4_K_X16_QS + 512 * g, 512);
+            KN_UNROLL for (int k = 0; k < 8; k++) {
+                __m512i v = load64(w + KN_Q4_K_X16_QS + 64 * (8 * g + k));
+                q[k] = _mm512_and_si512(v, lo);
+                q[8 + k] = _mm512_andnot_si512(lo, v);
+            }
+            KN_UNROLL for (int r = 0; r < NR; r++) {
+                const int8_t *x = a[r].q + b * KN_QKK + 64 * g;
+                const uint8_t *bs = (const uint8_t *)(a[r].bsum + 16 * b + 4 * g);
+                __m512i t0 = dot_x16(_mm512_setzero_si512(), q, x, 8);
+                __m512i t1 = dot_x16(_mm512_setzero_si512(), q + 8, x + 32, 8);
+                sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t0), sc[2 * g], sum[r]);
+                sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t1), sc[2 * g + 1], sum[r]);
+                mins[r] = _mm512_dpwssd_epi32(mins[r], mn[2 * g], _mm512_set1_epi32((int)kn_rd32(bs)));
+                mins[r] = _mm512_dpwssd_epi32(mins[r], mn[2 * g + 1], _mm512_set1_epi32((int)kn_rd32(bs + 4)));
+            }
+        }
+        /* acc += d_a * (d * sum - dmin * mins) */
+        __m512 d = _mm512_cvtph_ps(load32(w)), dmin = _mm512_cvtph_ps(load32(w + 32));
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            __m512 v = _mm512_fmsub_ps(sum[r], d, _mm512_mul_ps(_mm512_cvtepi32_ps(mins[r]), dmin));
+            acc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(a[r].d[b]), acc[r]);
+        }
+    }
+}
+
+/* q6_K: per 16-element sub-block, the X, Y, Z chunks give four chunks of
+ * six-bit weights.  Each sub-block's dot starts from -32 * bsum, which takes
+ * q6_K's -32 out exactly: in int32 it ends at |sum (q - 32) x| <= 16 * 32 *
+ * 127 = 65024, after at most 32 * 2032 + 16 * 63 * 127 = 193040 on the way;
+ * to float it is exact, and so is its product with an int8 scale (< 2^24). */
+KN_INLINE void q6kx16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m512 *acc, int NR)
+{
+    const __m512i six = bytes(0x3f);
+    KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n / KN_QKK; b++, w += KN_Q6_K_X16_BLOCK) {
+        __m512 sum[KN_MAX_ROWS];
+        int32_t init[KN_MAX_ROWS][16];
+        KN_UNROLL for (int r = 0; r < NR; r++) {
+            sum[r] = _mm512_setzero_ps();
+            __m512i bs = _mm512_slli_epi32(_mm512_cvtepi16_epi32(load32(a[r].bsum + 16 * b)), 5);
+            _mm512_storeu_si512(init[r], _mm512_sub_epi32(_mm512_setzero_si512(), bs));
+        }
+        for (int s = 0; s < 16; s++) {
+            const uint8_t *p = w + KN_Q6_K_X16_Q + 192 * s;
+            prefetch_x16(p, 192);
+            __m512i x = load64(p), y = load64(p + 64), z = load64(p + 128);
+            __m512i t = select_bits(bytes(0x03), _mm512_srli_epi32(x, 6), _mm512_srli_epi32(y, 4));
+            __m512i q[4] = {
+                _mm512_and_si512(x, six), _mm512_and_si512(y, six), _mm512_and_si512(z, six),
+                _mm512_and_si512(select_bits(bytes(0x0f), t, _mm512_srli_epi32(z, 2)), six),
+            };
+            __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + KN_Q6_K_X16_SCALES + 16 * s))));
+            KN_UNROLL for (int r = 0; r < NR; r++) {
+                __m512i t4 = dot_x16(_mm512_set1_epi32(init[r][s]), q, a[r].q + b * KN_QKK + 16 * s, 4);
+                sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t4), sc, sum[r]);
+            }
+        }
+        __m512 d = _mm512_cvtph_ps(load32(w));
+        KN_UNROLL for (int r = 0; r < NR; r++)
+            acc[r] = _mm512_fmadd_ps(sum[r], _mm512_mul_ps(d, _mm512_set1_ps(a[r].d[b])), acc[r]);
+    }
+}
+
+KN_INLINE void x16_rows(int t, const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
+                        const kn_arow *a, float *y, int64_t y_stride, int NR)
 {
     for (int64_t i = i0; i < i1; i += KN_PACK_ROWS) {
         __m512 acc[KN_MAX_ROWS];
-        q8_0x16_group(w + (size_t)i * w_row_bytes, n, a, acc, NR);
+        const uint8_t *g = w + (size_t)i * w_row_bytes;
+        if (t == KN_Q8_0_X16) q8_0x16_group(g, n, a, acc, NR);
+        else if (t == KN_Q4_K_X16) q4kx16_group(g, n, a, acc, NR);
+        else q6kx16_group(g, n, a, acc, NR);
         __mmask16 keep = i1 - i >= KN_PACK_ROWS ? 0xffff : (__mmask16)((1u << (i1 - i)) - 1);
         KN_UNROLL for (int r = 0; r < NR; r++) _mm512_mask_storeu_ps(y + (size_t)r * y_stride + i, keep, acc[r]);
     }
@@ -139,18 +289,26 @@ KN_INLINE void q8_0x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int
 
 typedef void (*x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
                        const kn_arow *a, float *y, int64_t y_stride);
-#define X16_FN(nr) \
-    static void x16_##nr(const uint8_t *w, size_t rb, int64_t n, int64_t i0, int64_t i1, const kn_arow *a, \
-                         float *y, int64_t ys) { q8_0x16_rows(w, rb, n, i0, i1, a, y, ys, nr); }
-X16_FN(1) X16_FN(2) X16_FN(3) X16_FN(4) X16_FN(5) X16_FN(6) X16_FN(7) X16_FN(8)
-static const x16_fn x16_fns[KN_MAX_ROWS] = {x16_1, x16_2, x16_3, x16_4, x16_5, x16_6, x16_7, x16_8};
+#define X16_FN(name, t, nr) \
+    static void name##_##nr(const uint8_t *w, size_t rb, int64_t n, int64_t i0, int64_t i1, const kn_arow *a, \
+                            float *y, int64_t ys) { x16_rows(t, w, rb, n, i0, i1, a, y, ys, nr); }
+#define X16_FNS(name, t)                                                                                      \
+    X16_FN(name, t, 1) X16_FN(name, t, 2) X16_FN(name, t, 3) X16_FN(name, t, 4)                                \
+    X16_FN(name, t, 5) X16_FN(name, t, 6) X16_FN(name, t, 7) X16_FN(name, t, 8)                                \
+    static const x16_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, name##_5, name##_6,      \
+                                             name##_7, name##_8};
+X16_FNS(x16_q8_0, KN_Q8_0_X16)
+X16_FNS(x16_q4_K, KN_Q4_K_X16)
+X16_FNS(x16_q6_K, KN_Q6_K_X16)
 
-static void matmul_x16(const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
-                       const void *act, size_t act_stride, int nr, float *y, int64_t y_stride)
+static const x16_fn *x16_for(int t)
 {
-    kn_arow a[KN_MAX_ROWS];
-    kn_act_rows(act, act_stride, n_in, nr, a);
-    x16_fns[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
+    switch (t) {
+    case KN_Q8_0_X16: return x16_q8_0;
+    case KN_Q4_K_X16: return x16_q4_K;
+    case KN_Q6_K_X16: return x16_q6_K;
+    default: return NULL;
+    }
 }
 #endif
 
@@ -306,8 +464,11 @@ void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64
 {
     const kn_row_fn *fns = rows_for(wtype);
 #ifdef __AVX512VNNI__
-    if (wtype == KN_Q8_0_X16) {
-        matmul_x16(w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
+    const x16_fn *x16 = x16_for(wtype);
+    if (x16) {
+        kn_arow a[KN_MAX_ROWS];
+        kn_act_rows(act, act_stride, n_in, nr, a);
+        x16[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
         return;
     }
 #endif

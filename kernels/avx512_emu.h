@@ -32,12 +32,20 @@ static inline EU junk(void) { EU u; memset(&u, 0xA7, 64); return u; }
 #define DEFF(name, args, ...) static inline __m512 emu_##name args { EU r; __VA_ARGS__; return ef(r); }
 #define _mm512_loadu_si512 emu_loadu_si512
 DEFI(loadu_si512, (const void *p), memcpy(&r, p, 64))
+#define _mm512_storeu_si512 emu_storeu_si512
+static inline void emu_storeu_si512(void *p, __m512i a) { memcpy(p, &a, 64); }
+#define _mm512_mask_storeu_ps emu_mask_storeu_ps
+static inline void emu_mask_storeu_ps(void *p, __mmask16 m, __m512 a) { EU x = eu_f(a); for (int k = 0; k < 16; k++) if (m >> k & 1) memcpy((float *)p + k, &x.f[k], 4); }
 #define _mm512_loadu_ps emu_loadu_ps
 DEFF(loadu_ps, (const float *p), memcpy(&r, p, 64))
 #define _mm512_set1_epi8 emu_set1_epi8
 DEFI(set1_epi8, (char c), memset(&r, c, 64))
 #define _mm512_set1_epi16 emu_set1_epi16
 DEFI(set1_epi16, (short c), for (int k = 0; k < 32; k++) r.h[k] = c)
+#define _mm512_set1_epi32 emu_set1_epi32
+DEFI(set1_epi32, (int c), for (int k = 0; k < 16; k++) r.i[k] = c)
+#define _mm512_set4_epi32 emu_set4_epi32
+DEFI(set4_epi32, (int d, int c, int b, int a), int t[4] = {a, b, c, d}; for (int k = 0; k < 16; k++) r.i[k] = t[k % 4])
 #define _mm512_set1_ps emu_set1_ps
 DEFF(set1_ps, (float c), for (int k = 0; k < 16; k++) r.f[k] = c)
 #define _mm512_setzero_si512 emu_setzero_si512
@@ -102,10 +110,21 @@ DEFI(permutexvar_epi16, (__m512i idx, __m512i a), EU ix = eu_i(idx), x = eu_i(a)
 DEFF(permutexvar_ps, (__m512i idx, __m512 a), EU ix = eu_i(idx), x = eu_f(a); for (int k = 0; k < 16; k++) r.f[k] = x.f[ix.i[k] & 15])
 #define _mm512_and_si512 emu_and_si512
 DEFI(and_si512, (__m512i a, __m512i b), EU x = eu_i(a), y = eu_i(b); for (int k = 0; k < 8; k++) r.uq[k] = x.uq[k] & y.uq[k])
+#define _mm512_andnot_si512 emu_andnot_si512
+DEFI(andnot_si512, (__m512i a, __m512i b), EU x = eu_i(a), y = eu_i(b); for (int k = 0; k < 8; k++) r.uq[k] = ~x.uq[k] & y.uq[k])
+#define _mm512_ternarylogic_epi32 emu_ternarylogic_epi32
+DEFI(ternarylogic_epi32, (__m512i a, __m512i b, __m512i c, int imm), EU x = eu_i(a), y = eu_i(b), z = eu_i(c);
+     for (int k = 0; k < 512; k++) { int i = k / 64, s = k % 64, v = imm >> ((x.uq[i] >> s & 1) << 2 | (y.uq[i] >> s & 1) << 1 | (z.uq[i] >> s & 1)) & 1;
+         r.uq[i] = (r.uq[i] & ~(1ull << s)) | (uint64_t)v << s; })
+#define _mm512_shuffle_epi8 emu_shuffle_epi8
+DEFI(shuffle_epi8, (__m512i a, __m512i b), EU x = eu_i(a), y = eu_i(b);
+     for (int k = 0; k < 64; k++) r.ub[k] = y.ub[k] & 0x80 ? 0 : x.ub[(k & ~15) | (y.ub[k] & 15)])
 #define _mm512_or_si512 emu_or_si512
 DEFI(or_si512, (__m512i a, __m512i b), EU x = eu_i(a), y = eu_i(b); for (int k = 0; k < 8; k++) r.uq[k] = x.uq[k] | y.uq[k])
 #define _mm512_srli_epi16 emu_srli_epi16
 DEFI(srli_epi16, (__m512i a, int c), EU x = eu_i(a); for (int k = 0; k < 32; k++) r.uh[k] = (uint16_t)(x.uh[k] >> c))
+#define _mm512_srli_epi32 emu_srli_epi32
+DEFI(srli_epi32, (__m512i a, int c), EU x = eu_i(a); for (int k = 0; k < 16; k++) r.i[k] = (int32_t)((uint32_t)x.i[k] >> c))
 #define _mm512_slli_epi32 emu_slli_epi32
 DEFI(slli_epi32, (__m512i a, int c), EU x = eu_i(a); for (int k = 0; k < 16; k++) r.i[k] = (int32_t)((uint32_t)x.i[k] << c))
 #define _mm512_sllv_epi64 emu_sllv_epi64
@@ -116,6 +135,10 @@ DEFI(srlv_epi64, (__m512i a, __m512i c), EU x = eu_i(a), s = eu_i(c); for (int k
 DEFF(cvtepi32_ps, (__m512i a), EU x = eu_i(a); for (int k = 0; k < 16; k++) r.f[k] = (float)x.i[k])
 #define _mm512_cvtph_ps emu_cvtph_ps
 DEFF(cvtph_ps, (__m256i a), uint16_t t[16]; memcpy(t, &a, 32); for (int k = 0; k < 16; k++) r.f[k] = _cvtsh_ss(t[k]))
+#define _mm512_cvtepi16_epi32 emu_cvtepi16_epi32
+DEFI(cvtepi16_epi32, (__m256i a), int16_t t[16]; memcpy(t, &a, 32); for (int k = 0; k < 16; k++) r.i[k] = t[k])
+#define _mm512_cvtepi8_epi32 emu_cvtepi8_epi32
+DEFI(cvtepi8_epi32, (__m128i a), int8_t t[16]; memcpy(t, &a, 16); for (int k = 0; k < 16; k++) r.i[k] = t[k])
 #define _mm512_cvtepu16_epi32 emu_cvtepu16_epi32
 DEFI(cvtepu16_epi32, (__m256i a), uint16_t t[16]; memcpy(t, &a, 32); for (int k = 0; k < 16; k++) r.i[k] = t[k])
 #define _mm512_fmadd_ps emu_fmadd_ps

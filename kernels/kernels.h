@@ -42,7 +42,8 @@ void        kn_dequant_row(int type, const void *row, float *out, int64_t n);
 /* ---- matrix x activation rows ----
  * Activations are prepared once per matrix product (quantised to 8-bit
  * blocks for quantised weights, kept f32 for float weights) and then shared
- * by every thread's slice of output rows. */
+ * by every thread's slice of output rows.  wtype is the type kn_matmul
+ * gets, packed (below) or not. */
 size_t kn_act_row_bytes(int wtype, int64_t n_in);
 void   kn_act_prepare(int wtype, const float *x /*[n_in]*/, int64_t n_in, void *out /*[kn_act_row_bytes]*/);
 
@@ -53,7 +54,8 @@ void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64
 
 /* ---- packed weights ----
  * A build may want a format rearranged for its kernels: with AVX-512 VNNI,
- * q8_0 is read as KN_Q8_0_X16, sixteen rows interleaved so that one
+ * q8_0, q4_K and q6_K are read as KN_Q8_0_X16, KN_Q4_K_X16 and KN_Q6_K_X16
+ * (0x100 plus the source type), sixteen rows interleaved so that one
  * instruction advances sixteen output rows at once (instead of one row and
  * a horizontal sum at the end).  The model packs each matrix once at load
  * time.  A packed matrix has the same bytes per row as its source, so row
@@ -62,7 +64,7 @@ void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64
  * (kn_pack_bytes).  kn_matmul slices of a packed matrix start on a multiple
  * of KN_PACK_ROWS and end on one or at n_out. */
 #define KN_PACK_ROWS 16
-enum { KN_Q8_0_X16 = 0x108 };
+enum { KN_Q8_0_X16 = 0x108, KN_Q4_K_X16 = 0x10c, KN_Q6_K_X16 = 0x10e };
 
 int    kn_pack_type(int type);                      /* the layout this build wants for type: a packed one, or type */
 size_t kn_pack_bytes(int type, int64_t n_out, int64_t n_in);   /* bytes of kn_pack's output */

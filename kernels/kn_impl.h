@@ -109,7 +109,46 @@ static inline void kn_k4_scales(const uint8_t *s12, uint8_t sc[8], uint8_t mn[8]
  * have d = 0 and bytes 128. */
 #define KN_X16_BLOCK (2 * KN_PACK_ROWS + KN_PACK_ROWS * KN_QK)   /* = 16 * KN_Q8_0_BYTES */
 
-static inline int kn_is_kquant(int t) { return t == KN_Q4_K || t == KN_Q5_K || t == KN_Q6_K; }
+/* KN_Q4_K_X16: per group of 16 rows, per super-block, KN_Q4_K_X16_BLOCK
+ * bytes, each field of the q4_K block side by side for the 16 rows:
+ *   f16 d[16] | f16 dmin[16] | 35 chunks of 64 bytes: bytes 4l..4l+3 of
+ *   chunk k are bytes 4+4k..7+4k of row l's block, so chunks 0-2 are the
+ *   scale words and chunk 3+8g+m holds elements 64g+4m..64g+4m+3 of row l
+ *   in its low nibbles and the 32 elements after them in its high nibbles.
+ * The scale words unpack for all 16 rows with kn_k4_scales's word
+ * operations, one vector each.  Padding rows are zero. */
+#define KN_Q4_K_X16_BLOCK (KN_PACK_ROWS * KN_Q4_K_BYTES)
+#define KN_Q4_K_X16_SCALES (4 * KN_PACK_ROWS)                    /* offset of the scale chunks */
+#define KN_Q4_K_X16_QS (KN_Q4_K_X16_SCALES + 3 * 4 * KN_PACK_ROWS)  /* offset of the nibble chunks */
+
+/* KN_Q6_K_X16: per group of 16 rows, per super-block, KN_Q6_K_X16_BLOCK
+ * bytes:
+ *   f16 d[16] | int8 scales[16][16] (sub-block s of row l at 16s+l) |
+ *   per 16-element sub-block s, chunks X, Y, Z of 64 bytes: byte 4l+e of X,
+ *   Y, Z holds element 16s+e, 16s+4+e, 16s+8+e of row l in its low six bits
+ *   (q6_K's q, 0..63, before the -32) and bits 0-1, 2-3, 4-5 of element
+ *   16s+12+e in its top two.
+ * Three bytes for four six-bit weights is what keeps the source's size;
+ * the first three come out with one AND each, the fourth with three shifts,
+ * two bit selects and an AND, instead of combining a nibble and a bit pair
+ * for every weight.  Padding rows are zero. */
+#define KN_Q6_K_X16_BLOCK (KN_PACK_ROWS * KN_Q6_K_BYTES)
+#define KN_Q6_K_X16_SCALES (2 * KN_PACK_ROWS)
+#define KN_Q6_K_X16_Q (KN_Q6_K_X16_SCALES + 16 * KN_PACK_ROWS)
+
+/* The format a packed type was made from (0x100 less); any other type is
+ * its own.  The model prepares activations for the type it multiplies by,
+ * packed or not, so whatever depends on the format asks this first. */
+static inline int kn_unpacked(int t)
+{
+    return t == KN_Q8_0_X16 || t == KN_Q4_K_X16 || t == KN_Q6_K_X16 ? t - 0x100 : t;
+}
+
+static inline int kn_is_kquant(int t)
+{
+    t = kn_unpacked(t);
+    return t == KN_Q4_K || t == KN_Q5_K || t == KN_Q6_K;
+}
 static inline int kn_is_float(int t) { return t == KN_F32 || t == KN_F16 || t == KN_BF16; }
 
 /* ==== Prepared activation rows ====

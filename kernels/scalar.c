@@ -162,6 +162,8 @@ const char *kn_type_name(int type)
     const kn_type_info *t = type_info(type);
     if (t) return t->name;
     if (type == KN_Q8_0_X16) return "q8_0x16";
+    if (type == KN_Q4_K_X16) return "q4_Kx16";
+    if (type == KN_Q6_K_X16) return "q6_Kx16";
     snprintf(buf, sizeof buf, "type %d", type);
     return buf;
 }
@@ -183,12 +185,18 @@ void kn_dequant_row(int type, const void *row, float *out, int64_t n)
 
 /* ==== Packed weights ====
  * Packing is plain byte shuffling, the same for every build; whether a
- * build asks for it depends on whether it has the kernel. */
+ * build asks for it depends on whether it has the kernel.  A layout
+ * (kn_impl.h) is two steps: each row's block is rewritten to its "row form"
+ * of the same size (x16_form: q8_0's weights stored +128, q6_K's three
+ * bytes per four weights, q4_K as it is), then every field of the row form
+ * goes to its place in the group's block, lane l of a field of size bytes
+ * at dst + size*l (x16_fields).  kn_get_row runs both steps backwards and
+ * dequantises the rebuilt block, so it is exact by construction. */
 
 int kn_pack_type(int type)
 {
 #if defined(KN_ISA_AVX512) && defined(__AVX512VNNI__)
-    if (type == KN_Q8_0) return KN_Q8_0_X16;
+    if (type == KN_Q8_0 || type == KN_Q4_K || type == KN_Q6_K) return 0x100 + type;
 #endif
     return type;
 }
@@ -201,39 +209,145 @@ size_t kn_pack_bytes(int type, int64_t n_out, int64_t n_in)
     return (size_t)rows * kn_row_bytes(type, n_in);
 }
 
-void kn_pack(int type, const void *w, size_t w_row_bytes, int64_t n_out, int64_t n_in, void *out)
+typedef struct { int16_t src, dst, size; } x16_field;
+#define X16_MAX_FIELDS 65
+#define X16_WORD (4 * KN_PACK_ROWS)     /* a field of one word per row */
+
+/* The fields of a type's row form and the offset of lane 0's copy in the
+ * group block; returns how many. */
+static int x16_fields(int type, x16_field *f)
 {
-    if (kn_pack_type(type) == type) {
-        memcpy(out, w, (size_t)n_out * w_row_bytes);
-        return;
+    int n = 0;
+    switch (type) {
+    case KN_Q8_0:                       /* d | 8 words of weights */
+        f[n++] = (x16_field){0, 0, 2};
+        for (int k = 0; k < 8; k++) f[n++] = (x16_field){(int16_t)(2 + 4 * k), (int16_t)(2 * KN_PACK_ROWS + X16_WORD * k), 4};
+        break;
+    case KN_Q4_K:                       /* d | dmin | 3 scale words | 32 words of nibbles */
+        f[n++] = (x16_field){0, 0, 2};
+        f[n++] = (x16_field){2, 2 * KN_PACK_ROWS, 2};
+        for (int k = 0; k < 35; k++) f[n++] = (x16_field){(int16_t)(4 + 4 * k), (int16_t)(KN_Q4_K_X16_SCALES + X16_WORD * k), 4};
+        break;
+    case KN_Q6_K:                       /* 16 x (X, Y, Z words) | 16 scales | d */
+        for (int k = 0; k < 48; k++) f[n++] = (x16_field){(int16_t)(4 * k), (int16_t)(KN_Q6_K_X16_Q + X16_WORD * k), 4};
+        for (int s = 0; s < 16; s++) f[n++] = (x16_field){(int16_t)(192 + s), (int16_t)(KN_Q6_K_X16_SCALES + KN_PACK_ROWS * s), 1};
+        f[n++] = (x16_field){208, 0, 2};
+        break;
     }
-    static const uint8_t zero_block[KN_Q8_0_BYTES];
-    uint8_t *o = out;
+    return n;
+}
+
+/* Where q6_K keeps elements 4k..4k+3: the ql word holding their low
+ * nibbles at bit *lo_shift of each byte, the qh word holding their top bit
+ * pairs at *hi_shift (as dq_q6_K reads them). */
+static void q6_word_at(int k, int *lo, int *lo_shift, int *hi, int *hi_shift)
+{
+    int h = k / 32, quad = k % 32 / 8, l = 4 * (k % 8);
+    *lo = 64 * h + 32 * (quad & 1) + l, *lo_shift = 4 * (quad >> 1);
+    *hi = 128 + 32 * h + l, *hi_shift = 2 * quad;
+}
+
+/* q6_K's weights of block in to the X, Y, Z words of kn_impl.h in out, or
+ * back; out starts as a copy of in. */
+static void q6_xyz(const uint8_t *in, uint8_t *out, int to_xyz)
+{
+    if (!to_xyz) memset(out, 0, 192);
+    for (int s = 0; s < 16; s++) {
+        uint32_t q[4], w[3];
+        int lo[4], ls[4], hi[4], hs[4];
+        for (int c = 0; c < 4; c++) q6_word_at(4 * s + c, &lo[c], &ls[c], &hi[c], &hs[c]);
+        if (to_xyz) {
+            for (int c = 0; c < 4; c++)
+                q[c] = (kn_rd32(in + lo[c]) >> ls[c] & 0x0f0f0f0fu) | (kn_rd32(in + hi[c]) >> hs[c] & 0x03030303u) << 4;
+            w[0] = q[0] | (q[3] & 0x03030303u) << 6;
+            w[1] = q[1] | (q[3] & 0x0c0c0c0cu) << 4;
+            w[2] = q[2] | (q[3] & 0x30303030u) << 2;
+            memcpy(out + 12 * s, w, 12);
+            continue;
+        }
+        memcpy(w, in + 12 * s, 12);
+        for (int c = 0; c < 3; c++) q[c] = w[c] & 0x3f3f3f3fu;
+        q[3] = (w[0] >> 6 & 0x03030303u) | (w[1] >> 4 & 0x0c0c0c0cu) | (w[2] >> 2 & 0x30303030u);
+        for (int c = 0; c < 4; c++) {
+            uint32_t l = kn_rd32(out + lo[c]) | (q[c] & 0x0f0f0f0fu) << ls[c];
+            uint32_t h = kn_rd32(out + hi[c]) | (q[c] >> 4 & 0x03030303u) << hs[c];
+            memcpy(out + lo[c], &l, 4), memcpy(out + hi[c], &h, 4);
+        }
+    }
+}
+
+/* A block to its row form (to_form) or back. */
+KN_INLINE void x16_form(int type, const uint8_t *in, uint8_t *out, int to_form)
+{
+    memcpy(out, in, kn_block_bytes(type));
+    if (type == KN_Q8_0)                /* +128 on a byte is flipping its top bit */
+        for (int k = 0; k < KN_QK / 4; k++) {
+            uint32_t v = kn_rd32(in + 2 + 4 * k) ^ 0x80808080u;
+            memcpy(out + 2 + 4 * k, &v, 4);
+        }
+    if (type == KN_Q6_K) q6_xyz(in, out, to_form);
+}
+
+/* Lanes 0..15 of a field from the 16 row forms, a constant size apart so
+ * that each copy is one move. */
+KN_INLINE void x16_spread(uint8_t *dst, const uint8_t *form, int size)
+{
+    for (int l = 0; l < KN_PACK_ROWS; l++) memcpy(dst + size * l, form + KN_Q6_K_BYTES * l, (size_t)size);
+}
+
+/* kn_pack for one type, instantiated per type so that the block size, the
+ * fields and the row form are constants: packing runs at load time over
+ * every matrix. */
+KN_INLINE void x16_pack(int type, const uint8_t *w, size_t w_row_bytes, int64_t n_out, int64_t n_in, uint8_t *o)
+{
+    static const uint8_t zero_block[KN_Q6_K_BYTES];
+    x16_field f[X16_MAX_FIELDS];
+    int nf = x16_fields(type, f);
+    size_t bb = kn_block_bytes(type);
+    uint8_t form[KN_PACK_ROWS][KN_Q6_K_BYTES];
     for (int64_t g = 0; g < kn_groups(n_out); g++)
-        for (int64_t b = 0; b < n_in / KN_QK; b++, o += KN_X16_BLOCK)
+        for (int64_t b = 0; b < n_in / kn_block_elems(type); b++, o += KN_PACK_ROWS * bb) {
             for (int l = 0; l < KN_PACK_ROWS; l++) {
                 int64_t i = g * KN_PACK_ROWS + l;
-                const uint8_t *src = i < n_out ? (const uint8_t *)w + (size_t)i * w_row_bytes + b * KN_Q8_0_BYTES : zero_block;
-                memcpy(o + 2 * l, src, 2);
-                for (int k = 0; k < KN_QK / 4; k++) {   /* 4 weights at a time; +128 on a byte is flipping its top bit */
-                    uint32_t v = kn_rd32(src + 2 + 4 * k) ^ 0x80808080u;
-                    memcpy(o + 2 * KN_PACK_ROWS + 4 * (KN_PACK_ROWS * k + l), &v, 4);
-                }
+                x16_form(type, i < n_out ? w + (size_t)i * w_row_bytes + b * bb : zero_block, form[l], 1);
             }
+            for (int k = 0; k < nf; k++) {
+                uint8_t *d = o + f[k].dst;
+                const uint8_t *src = form[0] + f[k].src;
+                if (f[k].size == 4) x16_spread(d, src, 4);
+                else if (f[k].size == 2) x16_spread(d, src, 2);
+                else x16_spread(d, src, 1);
+            }
+        }
+}
+
+void kn_pack(int type, const void *w, size_t w_row_bytes, int64_t n_out, int64_t n_in, void *out)
+{
+    switch (kn_pack_type(type)) {
+    case KN_Q8_0_X16: x16_pack(KN_Q8_0, w, w_row_bytes, n_out, n_in, out); break;
+    case KN_Q4_K_X16: x16_pack(KN_Q4_K, w, w_row_bytes, n_out, n_in, out); break;
+    case KN_Q6_K_X16: x16_pack(KN_Q6_K, w, w_row_bytes, n_out, n_in, out); break;
+    default: memcpy(out, w, (size_t)n_out * w_row_bytes);
+    }
 }
 
 void kn_get_row(int type, const void *w, size_t w_row_bytes, int64_t i, float *out, int64_t n)
 {
-    if (type != KN_Q8_0_X16) {
+    int src = kn_unpacked(type), l = (int)(i % KN_PACK_ROWS);
+    if (src == type) {
         kn_dequant_row(type, (const uint8_t *)w + (size_t)i * w_row_bytes, out, n);
         return;
     }
-    const uint8_t *g = (const uint8_t *)w + (size_t)(i - i % KN_PACK_ROWS) * w_row_bytes;
-    int l = (int)(i % KN_PACK_ROWS);
-    for (int64_t b = 0; b < n / KN_QK; b++, g += KN_X16_BLOCK) {
-        float d = kn_f16_f32(kn_rd16(g + 2 * l));
-        for (int j = 0; j < KN_QK; j++)
-            out[b * KN_QK + j] = (float)(g[2 * KN_PACK_ROWS + (j / 4) * 4 * KN_PACK_ROWS + 4 * l + j % 4] - 128) * d;
+    x16_field f[X16_MAX_FIELDS];
+    int nf = x16_fields(src, f);
+    size_t bb = kn_block_bytes(src);
+    int64_t be = kn_block_elems(src);
+    const uint8_t *g = (const uint8_t *)w + (size_t)(i - l) * w_row_bytes;
+    uint8_t form[KN_Q6_K_BYTES], blk[KN_Q6_K_BYTES];
+    for (int64_t b = 0; b < n / be; b++, g += KN_PACK_ROWS * bb) {
+        for (int k = 0; k < nf; k++) memcpy(form + f[k].src, g + f[k].dst + f[k].size * l, (size_t)f[k].size);
+        x16_form(src, form, blk, 0);
+        kn_dequant_row(src, blk, out + b * be, be);
     }
 }
 

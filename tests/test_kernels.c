@@ -135,13 +135,13 @@ static uint16_t rand_half(int e0, int e1, int allow_neg)
 
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
 
-/* Random bytes, then every scale field overwritten with a plausible half:
- * d around 2^-8..2^-5 (quants times d give weights of order 0.01-1),
- * mins of either sign for q4_1/q5_1. */
-static void rand_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in)
+/* Random bytes (or every byte fill, if fill >= 0), then every scale field
+ * overwritten with a plausible half: d around 2^-8..2^-5 (quants times d
+ * give weights of order 0.01-1), mins of either sign for q4_1/q5_1. */
+static void rand_weights(int type, uint8_t *w, int64_t n_out, int64_t n_in, int fill)
 {
     size_t rb = kn_row_bytes(type, n_in);
-    for (size_t i = 0; i < rb * (size_t)n_out; i++) w[i] = (uint8_t)rnd();
+    for (size_t i = 0; i < rb * (size_t)n_out; i++) w[i] = (uint8_t)(fill < 0 ? (int)rnd() : fill);
     int64_t nb = n_out * n_in / kn_block_elems(type);
     size_t bb = kn_block_bytes(type);
     for (int64_t b = 0; b < nb; b++) {
@@ -192,7 +192,7 @@ static void test_formats(void)
         int64_t n = 512;
         uint8_t *w = xalloc(kn_row_bytes(t, n) * 4);
         float *y = xalloc(sizeof(float) * (size_t)n);
-        rand_weights(t, w, 4, n);
+        rand_weights(t, w, 4, n, -1);
         double worst = 0.0;
         for (int row = 0; row < 4; row++) {
             const uint8_t *wr = w + (size_t)row * kn_row_bytes(t, n);
@@ -219,22 +219,29 @@ typedef struct {
     float *x;                /* KN_MAX_ROWS rows of n_in */
 } mm_case;
 
-static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out)
+/* fill < 0: random weights and activations.  Otherwise every weight byte
+ * is fill (bar the scale halves) and activation row r is the constant
+ * +-(r+1), which quantises to +-127 throughout: the largest sums the
+ * integer kernels can meet. */
+static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out, int fill)
 {
-    c->type = type, c->n_in = n_in, c->n_out = n_out;
+    c->type = type, c->ptype = kn_pack_type(type), c->n_in = n_in, c->n_out = n_out;
     c->rb = kn_row_bytes(type, n_in);
-    c->ab = kn_act_row_bytes(type, n_in) + 64;      /* a stride bigger than needed */
+    c->ab = kn_act_row_bytes(c->ptype, n_in) + 64;  /* a stride bigger than needed */
     c->w = xalloc(c->rb * (size_t)n_out);
     c->act = xalloc(c->ab * KN_MAX_ROWS);
     c->x = xalloc(sizeof(float) * (size_t)(n_in * KN_MAX_ROWS));
-    rand_weights(type, c->w, n_out, n_in);
-    c->ptype = kn_pack_type(type);
+    rand_weights(type, c->w, n_out, n_in, fill);
     c->pw = xalloc(kn_pack_bytes(type, n_out, n_in));
     kn_pack(type, c->w, c->rb, n_out, n_in, c->pw);
     for (int r = 0; r < KN_MAX_ROWS; r++) {
-        rand_acts(c->x + r * n_in, n_in);
-        if (r == 5) memset(c->x + r * n_in, 0, sizeof(float) * (size_t)n_in);   /* all-zero row */
-        kn_act_prepare(type, c->x + r * n_in, n_in, c->act + r * c->ab);
+        float *x = c->x + r * n_in;
+        rand_acts(x, n_in);
+        if (fill >= 0)
+            for (int64_t j = 0; j < n_in; j++) x[j] = (float)(r & 1 ? -(r + 1) : r + 1);
+        else if (r == 5)
+            memset(x, 0, sizeof(float) * (size_t)n_in);   /* all-zero row */
+        kn_act_prepare(c->ptype, x, n_in, c->act + r * c->ab);   /* as the model does, for the packed type */
     }
 }
 
@@ -262,8 +269,10 @@ static double mm_accuracy(const mm_case *c, const float *y, double *rel_rms)
             for (int64_t j = 0; j < n; j++) {
                 if (bs && j % bs == 0) {
                     float amax = 0.0f;
+                    int flat = 1;      /* all of magnitude amax: quantised exactly, to +-127 */
                     for (int64_t k = j; k < j + bs; k++) amax = fmaxf(amax, fabsf(x[k]));
-                    e = amax / 127.0 / 2.0;
+                    for (int64_t k = j; k < j + bs; k++) flat &= fabsf(x[k]) == amax;
+                    e = flat ? 0.0 : amax / 127.0 / 2.0;
                 }
                 double ej = bs ? e + 4.0 * 0x1p-24 * fabs(x[j]) : 0.0;
                 qb += fabs(wf[j]) * ej;
@@ -332,7 +341,7 @@ static void test_matmul(void)
             for (size_t b = 0; b < sizeof n_outs / sizeof n_outs[0]; b++) {
                 if (n_ins[a] % kn_block_elems(t)) continue;
                 mm_case c;
-                mm_setup(&c, t, n_ins[a], n_outs[b]);
+                mm_setup(&c, t, n_ins[a], n_outs[b], -1);
                 float *y8 = xalloc(sizeof(float) * (size_t)(c.n_out * KN_MAX_ROWS));
                 mm_run(&c, 0, KN_MAX_ROWS, 0, c.n_out, y8);
                 double rr, wr = mm_accuracy(&c, y8, &rr);
@@ -350,6 +359,24 @@ static void test_matmul(void)
         if (kn_pack_type(t) != t)
             report(packed_rows, "matmul %-5s packed as %s: every row reads back exactly", kn_type_name(t),
                    kn_type_name(kn_pack_type(t)));
+        if (!is_quant(t)) continue;
+        /* all quants at a bit pattern's extreme (0xff: q4_K/q5_K scales,
+         * mins and quants at their maximum, q6_K's q at 63; 0x80: q8_0 at
+         * -128) against activations at +-127: overflow or saturation in an
+         * integer dot shows here, where random bytes never get near it */
+        worst = 0.0;
+        for (int fill = 0x80; fill <= 0xff; fill += 0x7f) {
+            mm_case c;
+            mm_setup(&c, t, 1024, 33, fill);
+            float *y8 = xalloc(sizeof(float) * (size_t)(c.n_out * KN_MAX_ROWS));
+            mm_run(&c, 0, KN_MAX_ROWS, 0, c.n_out, y8);
+            double rr, wr = mm_accuracy(&c, y8, &rr);
+            if (!(wr <= worst)) worst = wr;
+            free(y8);
+            mm_free(&c);
+        }
+        report(worst <= 1.0, "matmul %-5s all weight bytes 0x80 or 0xff, activations +-127: worst err/tol %.3f",
+               kn_type_name(t), worst);
     }
 }
 
@@ -679,7 +706,7 @@ static void bench(int nthreads)
     for (int ti = 0; ti < N_TYPES; ti++)
         for (size_t s = 0; s < 2; s++) {
             mm_case c;
-            mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0]);
+            mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0], -1);
             size_t mb = kn_pack_bytes(c.type, c.n_out, c.n_in);
             int copies = (int)((256u << 20) / mb + 1);
             uint8_t *wbase = xalloc(mb * (size_t)copies);
