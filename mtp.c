@@ -441,7 +441,7 @@ typedef struct {
     Mat ba;                     /* [2*n_v_heads][dim] per key-head group: beta then alpha */
     const float *ssm_a;         /* [n_v_heads] -exp(A_log) */
     const float *dt_bias;       /* [n_v_heads] */
-    const float *conv;          /* [conv_dim][conv_kernel] */
+    const float *conv_taps;     /* [conv_kernel][conv_dim]: ggml's [conv_dim][conv_kernel] transposed */
     const float *ssm_norm;      /* [v_head_dim] */
     Mat ssm_out;                /* [dim][n_v_heads*v_head_dim] */
     /* gated full attention */
@@ -515,18 +515,24 @@ static Mat load_mat(const Model *m, const char *name, int64_t n_in, int64_t n_ou
 }
 
 /* A 1-D f32 vector; other float types are converted once into owned memory. */
+/* n floats the model frees with itself */
+static float *owned_floats(Model *m, int64_t n) {
+    float *v = xmalloc((size_t)n * sizeof *v);
+    m->owned = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
+    if (!m->owned) die("out of memory");
+    m->owned[m->n_owned++] = v;
+    return v;
+}
+
 static const float *load_vec(Model *m, const char *name, int64_t n) {
     const GgufTensor *t = need_tensor(m, name);
     if (t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] != n)
         die("tensor '%s' has %lld elements, expected %lld", name, (long long)(t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]), (long long)n);
     if (t->type == KN_F32) return (const float *)t->data;
-    float *v = xmalloc((size_t)n * sizeof *v);
+    float *v = owned_floats(m, n);
     int64_t row = t->ne[0];
     for (int64_t r = 0; r < n / row; r++)
         kn_dequant_row((int)t->type, t->data + r * kn_row_bytes((int)t->type, row), v + r * row, row);
-    m->owned = realloc(m->owned, (size_t)(m->n_owned + 1) * sizeof *m->owned);
-    if (!m->owned) die("out of memory");
-    m->owned[m->n_owned++] = v;
     return v;
 }
 
@@ -594,6 +600,8 @@ static void load_config(Model *m) {
     if (c->n_head % c->n_kv_head || c->n_v_heads % c->n_k_heads || inner % c->n_v_heads || c->n_rot % 2)
         die("model head counts are inconsistent (heads %d/%d, ssm heads %d/%d, rope dims %d)", c->n_head, c->n_kv_head,
             c->n_v_heads, c->n_k_heads, c->n_rot);
+    if (c->n_head / c->n_kv_head > KN_ATTN_MAX_Q)
+        die("model has %d query heads per KV head; at most %d are supported", c->n_head / c->n_kv_head, KN_ATTN_MAX_Q);
     c->v_head_dim = (int)(inner / c->n_v_heads);
     c->conv_dim = 2 * c->n_k_heads * c->k_head_dim + (int)inner;
     c->v_tiled = c->arch != ARCH_QWEN3NEXT;
@@ -652,7 +660,11 @@ static void load_deltanet(Model *m, Layer *L, int l) {
     }
     L->ssm_a = load_vec(m, TNAME(n, "blk.%d.ssm_a", l), c->n_v_heads);
     L->dt_bias = load_vec(m, TNAME(n, "blk.%d.ssm_dt.bias", l), c->n_v_heads);
-    L->conv = load_vec(m, TNAME(n, "blk.%d.ssm_conv1d.weight", l), (int64_t)c->conv_dim * c->conv_kernel);
+    const float *conv = load_vec(m, TNAME(n, "blk.%d.ssm_conv1d.weight", l), (int64_t)c->conv_dim * c->conv_kernel);
+    float *taps = owned_floats(m, (int64_t)c->conv_dim * c->conv_kernel);
+    for (int ch = 0; ch < c->conv_dim; ch++)
+        for (int t = 0; t < c->conv_kernel; t++) taps[(int64_t)t * c->conv_dim + ch] = conv[(int64_t)ch * c->conv_kernel + t];
+    L->conv_taps = taps;
     L->ssm_norm = load_vec(m, TNAME(n, "blk.%d.ssm_norm.weight", l), c->v_head_dim);
     L->ssm_out = load_mat(m, TNAME(n, "blk.%d.ssm_out.weight", l), inner, c->dim);
 }
@@ -1069,7 +1081,7 @@ typedef struct {
     float *ab;                  /* [UBATCH][2*n_v_heads] alpha/beta logits; also router logits [UBATCH][n_expert] */
     float *conv_win;            /* [conv_kernel-1+UBATCH][conv_dim] */
     float *decay, *beta;        /* [UBATCH][n_v_heads] */
-    float *att;                 /* [n_threads][n_ctx] attention scores */
+    float *att;                 /* [n_threads][KN_ATTN_MAX_Q][n_ctx] attention scores */
     float *ffn_a, *ffn_b;       /* [UBATCH][max ffn width] */
     float *moe_w;               /* [UBATCH][n_expert] routing weight (0 when unused) */
     float *moe_x, *moe_y;       /* [UBATCH][dim] rows gathered for one expert */
@@ -1109,7 +1121,7 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
     s->conv_win = xcalloc((c->conv_kernel - 1 + B) * (size_t)c->conv_dim, sizeof(float));
     s->decay = xcalloc(B * c->n_v_heads, sizeof(float));
     s->beta = xcalloc(B * c->n_v_heads, sizeof(float));
-    s->att = xcalloc((size_t)n_threads * n_ctx, sizeof(float));
+    s->att = xcalloc((size_t)n_threads * KN_ATTN_MAX_Q * n_ctx, sizeof(float));
     s->ffn_a = xcalloc(B * ffn, sizeof(float));
     s->ffn_b = xcalloc(B * ffn, sizeof(float));
     s->moe_w = xcalloc(B * max_sz(1, (size_t)c->n_expert), sizeof(float));
@@ -1172,7 +1184,6 @@ static void add_rows(float *x, const float *y, int64_t count) {
 }
 
 static float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
-static float siluf(float x) { return x / (1.0f + expf(-x)); }
 static float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* NeoX-style rotary embedding on the first n_rot dims: pairs (i, i + n_rot/2).
@@ -1203,25 +1214,42 @@ typedef struct {
     const float *q;             /* [n][2*q_dim]: per head, query then gate */
     const float *k_cache, *v_cache;
     float *out;                 /* [n][q_dim] */
-    float *scores;              /* [nth][n_ctx] */
+    float *scores;              /* [nth][KN_ATTN_MAX_Q][n_ctx] */
     int n_ctx, n, pos0;
+    int rows;                   /* tokens per work item: their queries of one KV head's group fit one kernel call */
 } AttnJob;
 
-static void attn_head(const AttnJob *j, int r, int h, float *sc) {
+/* Tokens [r0, r1) against KV head kvh: all their query heads that share it
+ * in one kernel call, which reads that part of the cache once for them. */
+static void attn_group(const AttnJob *j, int kvh, int r0, int r1, float *sc) {
     const Config *c = j->c;
-    int hd = c->head_dim, kv_dim = c->n_kv_head * hd, kvh = h / (c->n_head / c->n_kv_head);
-    const float *q = j->q + (int64_t)r * 2 * c->n_head * hd + (int64_t)h * 2 * hd;
-    const float *gate = q + hd;
-    float *o = j->out + (int64_t)r * c->n_head * hd + (int64_t)h * hd;
-    kn_attn_head(q, j->k_cache + kvh * hd, j->v_cache + kvh * hd, kv_dim, j->pos0 + r + 1, hd, 1.0f / sqrtf((float)hd), sc, o);
-    for (int i = 0; i < hd; i++) o[i] *= sigmoidf(gate[i]);
+    int hd = c->head_dim, group = c->n_head / c->n_kv_head, nq = 0;
+    const float *q[KN_ATTN_MAX_Q];
+    float *o[KN_ATTN_MAX_Q];
+    int n_keys[KN_ATTN_MAX_Q];
+    for (int r = r0; r < r1; r++)
+        for (int h = kvh * group; h < (kvh + 1) * group; h++, nq++) {
+            q[nq] = j->q + (int64_t)r * 2 * c->n_head * hd + (int64_t)h * 2 * hd;
+            o[nq] = j->out + (int64_t)r * c->n_head * hd + (int64_t)h * hd;
+            n_keys[nq] = j->pos0 + r + 1;
+        }
+    kn_attn_heads(nq, q, o, n_keys, j->k_cache + kvh * hd, j->v_cache + kvh * hd, c->n_kv_head * hd, hd,
+                  1.0f / sqrtf((float)hd), sc, j->n_ctx);
+    for (int i = 0; i < nq; i++) {
+        const float *gate = q[i] + hd;
+        for (int d = 0; d < hd; d++) o[i][d] *= sigmoidf(gate[d]);
+    }
 }
 
 static void attn_worker(void *ctx, int ith, int nth) {
     const AttnJob *j = ctx;
+    int n_kv = j->c->n_kv_head, chunks = (j->n + j->rows - 1) / j->rows;
     int64_t lo, hi;
-    pool_share((int64_t)j->n * j->c->n_head, ith, nth, 1, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++) attn_head(j, (int)(i / j->c->n_head), (int)(i % j->c->n_head), j->scores + (int64_t)ith * j->n_ctx);
+    pool_share((int64_t)chunks * n_kv, ith, nth, 1, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) {
+        int r0 = (int)(i / n_kv) * j->rows, r1 = r0 + j->rows < j->n ? r0 + j->rows : j->n;
+        attn_group(j, (int)(i % n_kv), r0, r1, j->scores + (int64_t)ith * KN_ATTN_MAX_Q * j->n_ctx);
+    }
 }
 
 /* x += attention(xn) for n tokens at pos0.., appending their K/V to the cache. */
@@ -1244,7 +1272,7 @@ static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache,
         }
         memcpy(vc, s->v + (int64_t)r * kv_dim, kv_dim * sizeof *vc);
     }
-    AttnJob job = {c, s->proj, k_cache, v_cache, s->mix, s->att, e->st.n_ctx, n, pos0};
+    AttnJob job = {c, s->proj, k_cache, v_cache, s->mix, s->att, e->st.n_ctx, n, pos0, KN_ATTN_MAX_Q / (c->n_head / c->n_kv_head)};
     pool_run(&e->pool, attn_worker, &job);
     matmul(e, &L->wo, s->mix, n, s->out);
     add_rows(s->x, s->out, (int64_t)n * c->dim);
@@ -1304,11 +1332,8 @@ static void deltanet_conv(Engine *e, const Layer *L, int layer, int n, int spec)
     memcpy(s->conv_win + keep, s->proj, (size_t)n * C * sizeof(float));
     for (int r = 0; r < n; r++) {
         float *y = s->proj + (int64_t)r * C;
-        for (int ch = 0; ch < C; ch++) {
-            float acc = 0;
-            for (int t = 0; t < K; t++) acc += L->conv[ch * K + t] * s->conv_win[(int64_t)(r + t) * C + ch];
-            y[ch] = siluf(acc);
-        }
+        kn_causal_conv(y, s->conv_win + (int64_t)r * C, L->conv_taps, K, C);
+        kn_swiglu(y, y, NULL, C);
         if (spec || r == n - 1)
             memcpy(st->conv[layer] + slot_out(st, r, spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
     }
@@ -1365,7 +1390,7 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
             float *o = s->mix + (int64_t)r * nv * dv + h * dv;
             const float *z = s->gate + (int64_t)r * nv * dv + h * dv;
             kn_rmsnorm(o, o, L->ssm_norm, dv, c->eps);
-            for (int i = 0; i < dv; i++) o[i] *= siluf(z[i]);
+            kn_swiglu(o, z, o, dv);
         }
     matmul(e, &L->ssm_out, s->mix, n, s->out);
     add_rows(s->x, s->out, (int64_t)n * c->dim);
@@ -1594,18 +1619,10 @@ static float rng_uniform(uint64_t *state) {
     return (float)((x * 0x2545F4914F6CDD1DULL) >> 40) / (float)(1 << 24);
 }
 
-static int argmax(const float *v, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (v[i] > v[best]) best = i;
-    return best;
-}
-
 /* Penalise tokens that appeared in the last rep_last_n of hist (llama.cpp's rule:
  * positive logits are divided, negative ones multiplied). */
 static void apply_penalty(Sampler *s, float *lg, int V, const int32_t *hist, int n_hist) {
     const SamplerCfg *c = &s->cfg;
-    if (c->rep_penalty == 1.0f || c->rep_last_n == 0) return;
     int from = c->rep_last_n > 0 && n_hist > c->rep_last_n ? n_hist - c->rep_last_n : 0;
     for (int i = from; i < n_hist; i++) {
         int32_t t = hist[i];
@@ -1643,15 +1660,20 @@ static int cmp_prob_desc(const void *a, const void *b) {
 static void sampler_dist(Sampler *s, const float *logits, int V, const int32_t *hist, int n_hist, Dist *d) {
     const SamplerCfg *c = &s->cfg;
     float *lg = s->work;
-    memcpy(lg, logits, (size_t)V * sizeof *lg);
-    apply_penalty(s, lg, V, hist, n_hist);
+    const float *src = logits;          /* greedy without a penalty copies nothing */
+    if (c->rep_penalty != 1.0f && c->rep_last_n != 0) {
+        memcpy(lg, logits, (size_t)V * sizeof *lg);
+        apply_penalty(s, lg, V, hist, n_hist);
+        src = lg;
+    }
     if (c->temp <= 0) {
         d->n = 1;
-        d->ids[0] = argmax(lg, V);
+        d->ids[0] = (int32_t)kn_argmax(src, V);
         d->p[0] = 1;
         return;
     }
-    float mx = lg[argmax(lg, V)];
+    if (src != lg) memcpy(lg, logits, (size_t)V * sizeof *lg);
+    float mx = lg[kn_argmax(lg, V)];
     float cut = c->min_p > 0 ? mx + c->temp * logf(c->min_p) : -INFINITY;  /* p >= min_p * p_max */
     int k = c->top_k > 0 && c->top_k < V ? c->top_k : V, n = 0;
     for (int i = 0; i < V; i++) {
@@ -2732,7 +2754,7 @@ static void gen_feed(Gen *g, const int32_t *tokens, int n, FILE *logits_out) {
 
 /* Softmax probability of the top logit: how sure the head is of a greedy draft. */
 static float top_prob(const float *lg, int n) {
-    float mx = lg[argmax(lg, n)];
+    float mx = lg[kn_argmax(lg, n)];
     double sum = 0;
     for (int i = 0; i < n; i++) sum += expf(lg[i] - mx);
     return (float)(1.0 / sum);

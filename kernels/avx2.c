@@ -31,6 +31,13 @@ static inline float hsum8(__m256 v)
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+static inline float hmax8(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 static inline float h2f(const uint8_t *p) { return _cvtsh_ss(kn_rd16(p)); }
 static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 static inline __m128i load16(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
@@ -411,9 +418,27 @@ void kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n)
     for (; i + 8 <= n; i += 8) {
         __m256 g = _mm256_loadu_ps(gate + i);
         __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+        _mm256_storeu_ps(out + i, up ? _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)) : silu);
     }
-    kn_sc_swiglu(out + i, gate + i, up + i, n - i);
+    kn_sc_swiglu(out + i, gate + i, up ? up + i : NULL, n - i);
+}
+
+/* The largest value in one pass of vector maxima, then the first place it
+ * occurs: two branch-free sweeps instead of a serial compare per element. */
+int64_t kn_avx2_argmax(const float *v, int64_t n)
+{
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(v + i));
+    float best = hmax8(m);
+    for (; i < n; i++) best = v[i] > best ? v[i] : best;
+    const __m256 b = _mm256_set1_ps(best);
+    for (i = 0; i + 8 <= n; i += 8) {
+        int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + i), b, _CMP_EQ_OQ));
+        if (hit) return i + __builtin_ctz((unsigned)hit);
+    }
+    while (v[i] != best) i++;
+    return i;
 }
 
 /* The two-pass form of kn_sc_delta_step, on strips of 32 columns: kS and qS
@@ -481,13 +506,6 @@ static inline __m256 hsum8x8(const __m256 a[8])
     __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
     __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
-}
-
-static inline float hmax8(__m256 v)
-{
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
 /* The n < 8 floats at p as a vector, the other lanes set to fill; and back. */
@@ -573,22 +591,11 @@ static void attn_out_block(const float *p, const float *v, int64_t kv_stride, in
     for (; c < hd; c += 8) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 1, hd - c < 8 ? hd - c : 8);
 }
 
-void kn_avx2_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                       float scale, float *sc, float *out)
+/* exp(sc[t] - max) over a query's n scores, in place; returns their sum */
+static float softmax_numerators(float *sc, int n, float max)
 {
-    const __m256i tail = lanes_below(hd % 8);
-    const __m256 sv = _mm256_set1_ps(scale);
-    const int nfull = n_keys / 8 * 8, rest = n_keys - nfull;
-    __m256 mx = _mm256_set1_ps(-INFINITY);
-    for (int t0 = 0; t0 < n_keys; t0 += 8) {
-        __m256 s = _mm256_mul_ps(sv, scores8(q, k, kv_stride, t0, n_keys, hd, tail));
-        mx = _mm256_max_ps(mx, s);
-        if (t0 < nfull) _mm256_storeu_ps(sc + t0, s);
-        else store_part(sc + t0, s, rest);
-    }
-    /* the padding lanes hold real scores, so the max is right as it is; in
-     * the exponentials they are -inf, which exp8 takes to exactly 0 */
-    const __m256 m = _mm256_set1_ps(hmax8(mx));
+    const __m256 m = _mm256_set1_ps(max);
+    const int nfull = n / 8 * 8, rest = n - nfull;
     __m256 sum = _mm256_setzero_ps();
     for (int t0 = 0; t0 < nfull; t0 += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t0), m));
@@ -600,11 +607,47 @@ void kn_avx2_attn_head(const float *q, const float *k, const float *v, int64_t k
         sum = _mm256_add_ps(sum, e);
         store_part(sc + nfull, e, rest);
     }
-    for (int t0 = 0; t0 < n_keys; t0 += KN_ATTN_KEYS) {
-        int nb = n_keys - t0 < KN_ATTN_KEYS ? n_keys - t0 : KN_ATTN_KEYS;
-        attn_out_block(sc + t0, v + (size_t)t0 * kv_stride, kv_stride, nb, hd, t0 == 0, out);
+    return hsum8(sum);
+}
+
+/* Keys and values are swept in blocks of KN_ATTN_KEYS, every query taking
+ * its part of a block before the next block is read, so each block comes
+ * from memory once and from L1/L2 for the other queries.  A query's own
+ * sequence of operations is that of a single query: its scores eight keys
+ * at a time from key 0, its value sums in the same blocks. */
+void kn_avx2_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                        const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
+{
+    const __m256i tail = lanes_below(hd % 8);
+    const __m256 sv = _mm256_set1_ps(scale);
+    __m256 mx[KN_ATTN_MAX_Q];
+    int most = 0;
+    for (int i = 0; i < nq; i++) {
+        mx[i] = _mm256_set1_ps(-INFINITY);
+        most = n_keys[i] > most ? n_keys[i] : most;
     }
-    kn_avx2_scale(out, 1.0f / hsum8(sum), hd);
+    for (int b0 = 0; b0 < most; b0 += KN_ATTN_KEYS)
+        for (int i = 0; i < nq; i++) {
+            float *s_i = sc + i * sc_stride;
+            int n = n_keys[i], end = b0 + KN_ATTN_KEYS < n ? b0 + KN_ATTN_KEYS : n;
+            for (int t0 = b0; t0 < end; t0 += 8) {
+                __m256 s = _mm256_mul_ps(sv, scores8(q[i], k, kv_stride, t0, n, hd, tail));
+                mx[i] = _mm256_max_ps(mx[i], s);
+                if (n - t0 >= 8) _mm256_storeu_ps(s_i + t0, s);
+                else store_part(s_i + t0, s, n - t0);
+            }
+        }
+    /* the padding lanes hold real scores, so the max is right as it is; in
+     * the exponentials they are -inf, which exp8 takes to exactly 0 */
+    float sum[KN_ATTN_MAX_Q];
+    for (int i = 0; i < nq; i++) sum[i] = softmax_numerators(sc + i * sc_stride, n_keys[i], hmax8(mx[i]));
+    for (int b0 = 0; b0 < most; b0 += KN_ATTN_KEYS)
+        for (int i = 0; i < nq; i++)
+            if (b0 < n_keys[i]) {
+                int nb = n_keys[i] - b0 < KN_ATTN_KEYS ? n_keys[i] - b0 : KN_ATTN_KEYS;
+                attn_out_block(sc + i * sc_stride + b0, v + (size_t)b0 * kv_stride, kv_stride, nb, hd, b0 == 0, out[i]);
+            }
+    for (int i = 0; i < nq; i++) kn_avx2_scale(out[i], 1.0f / sum[i], hd);
 }
 #endif
 
@@ -622,6 +665,7 @@ void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_avx2_axpy(y, a,
 void  kn_scale(float *y, float a, int64_t n) { kn_avx2_scale(y, a, n); }
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_avx2_rmsnorm(out, x, w, n, eps); }
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
+int64_t kn_argmax(const float *v, int64_t n) { return kn_avx2_argmax(v, n); }
 
 void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
@@ -629,9 +673,9 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
     kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
 
-void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                  float scale, float *sc, float *out)
+void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                   const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
 {
-    kn_avx2_attn_head(q, k, v, kv_stride, n_keys, hd, scale, sc, out);
+    kn_avx2_attn_heads(nq, q, out, n_keys, k, v, kv_stride, hd, scale, sc, sc_stride);
 }
 #endif

@@ -481,6 +481,7 @@ void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_avx2_axpy(y, a,
 void  kn_scale(float *y, float a, int64_t n) { kn_avx2_scale(y, a, n); }
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_avx2_rmsnorm(out, x, w, n, eps); }
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
+int64_t kn_argmax(const float *v, int64_t n) { return kn_avx2_argmax(v, n); }
 
 void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
@@ -488,9 +489,9 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
     kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
 
-void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                  float scale, float *sc, float *out)
+void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                   const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
 {
-    kn_avx2_attn_head(q, k, v, kv_stride, n_keys, hd, scale, sc, out);
+    kn_avx2_attn_heads(nq, q, out, n_keys, k, v, kv_stride, hd, scale, sc, sc_stride);
 }
 #endif

@@ -77,7 +77,12 @@ float kn_dot(const float *a, const float *b, int64_t n);
 void  kn_axpy(float *y, float a, const float *x, int64_t n);          /* y += a*x */
 void  kn_scale(float *y, float a, int64_t n);                          /* y *= a */
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps); /* w may be NULL */
-void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n);        /* silu(gate)*up */
+void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n);        /* silu(gate)*up; up NULL: silu(gate) */
+int64_t kn_argmax(const float *v, int64_t n);   /* first index of the largest of v[0..n), n >= 1, no NaNs */
+/* Depthwise causal conv, one token: out[c] = sum_t taps[t*C+c] * win[t*C+c]
+ * over the K rows of C channels that end at the token (taps transposed from
+ * ggml's [C][K] so that every pass runs over contiguous channels). */
+void  kn_causal_conv(float *out, const float *win, const float *taps, int K, int64_t C);
 
 /* One Gated DeltaNet step for one value head, state S[dk][dv] (row j = key dim j):
  *   S = decay*S_in;  kv = k^T S;  S += k (x) beta*(v - kv);  out = q^T S;  S_out = S
@@ -86,15 +91,19 @@ void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n);     
 void  kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                     float decay, float beta, float *out, int dk, int dv);
 
-/* One attention head over n_keys >= 1 cached positions:
- *   sc[t] = scale * q . k_t;  p = softmax(sc);  out = sum_t p[t] v_t
+/* nq <= KN_ATTN_MAX_Q queries against one head of the cache, query i over
+ * its first n_keys[i] >= 1 positions:
+ *   sc[t] = scale * q[i] . k_t;  p = softmax(sc);  out[i] = sum_t p[t] v_t
  * k_t = k + t*kv_stride, v_t = v + t*kv_stride (floats), each hd long, so a
- * head of a cache that interleaves several is read in place.  sc is scratch
- * of n_keys floats.  The result depends only on the inputs: speculative
- * verification recomputes a token's attention with the same n_keys as a
- * plain decode step and must get the same bits. */
-void  kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                   float scale, float *sc, float *out);
+ * head of a cache that interleaves several is read in place.  sc is scratch,
+ * query i's at sc + i*sc_stride, sc_stride >= n_keys[i].  The queries of a
+ * verify batch's tokens and the query heads that share a KV head go in one
+ * call, so the cache is read once for all of them; yet each result depends
+ * only on its own query and keys, bit for bit: speculative verification must
+ * reproduce a plain decode step exactly. */
+#define KN_ATTN_MAX_Q 16
+void  kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                    const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride);
 
 /* ---- build identity ----
  * kn_isa: "avx512", "avx2", "neon" or "scalar".  kn_cpu_ok: 0 (with a reason

@@ -253,10 +253,11 @@ void  kn_sc_axpy(float *y, float a, const float *x, int64_t n);
 void  kn_sc_scale(float *y, float a, int64_t n);
 void  kn_sc_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
 void  kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n);
+int64_t kn_sc_argmax(const float *v, int64_t n);
 void  kn_sc_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                        float decay, float beta, float *out, int dk, int dv);
-void  kn_sc_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                      float scale, float *sc, float *out);
+void  kn_sc_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                       const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride);
 
 /* ==== AVX2 kernels (avx2.c), also the base of the AVX-512 build ==== */
 #ifdef KN_BUILD_AVX2
@@ -267,10 +268,11 @@ void  kn_avx2_axpy(float *y, float a, const float *x, int64_t n);
 void  kn_avx2_scale(float *y, float a, int64_t n);
 void  kn_avx2_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps);
 void  kn_avx2_swiglu(float *out, const float *gate, const float *up, int64_t n);
+int64_t kn_avx2_argmax(const float *v, int64_t n);
 void  kn_avx2_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                          float decay, float beta, float *out, int dk, int dv);
-void  kn_avx2_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                        float scale, float *sc, float *out);
+void  kn_avx2_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                         const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride);
 #endif
 
 #endif

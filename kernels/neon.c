@@ -354,9 +354,24 @@ void kn_swiglu(float *out, const float *gate, const float *up, int64_t n)
     for (; i + 4 <= n; i += 4) {
         float32x4_t g = vld1q_f32(gate + i);
         float32x4_t silu = vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), exp4(vnegq_f32(g))));
-        vst1q_f32(out + i, vmulq_f32(silu, vld1q_f32(up + i)));
+        vst1q_f32(out + i, up ? vmulq_f32(silu, vld1q_f32(up + i)) : silu);
     }
-    kn_sc_swiglu(out + i, gate + i, up + i, n - i);
+    kn_sc_swiglu(out + i, gate + i, up ? up + i : NULL, n - i);
+}
+
+/* As avx2.c's: the largest value by vector maxima, then its first place. */
+int64_t kn_argmax(const float *v, int64_t n)
+{
+    float32x4_t m = vdupq_n_f32(-INFINITY);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) m = vmaxq_f32(m, vld1q_f32(v + i));
+    float best = vmaxvq_f32(m);
+    for (; i < n; i++) best = v[i] > best ? v[i] : best;
+    const float32x4_t b = vdupq_n_f32(best);
+    for (i = 0; i + 4 <= n; i += 4)
+        if (vmaxvq_u32(vceqq_f32(vld1q_f32(v + i), b))) break;
+    while (v[i] != best) i++;
+    return i;
 }
 
 /* The two-pass form of kn_sc_delta_step on strips of 32 columns: kS, qS and
@@ -473,8 +488,8 @@ static void attn_out_block(const float *p, const float *v, int64_t kv_stride, in
     for (; c + 4 <= hd; c += 4) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 1);
 }
 
-void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                  float scale, float *sc, float *out)
+static void attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                      float scale, float *sc, float *out)
 {
     float32x4_t mx = vdupq_n_f32(-INFINITY);
     for (int t0 = 0; t0 < n_keys; t0 += 8) {
@@ -510,5 +525,12 @@ void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_str
         out[c] = o;
     }
     kn_scale(out, 1.0f / vaddvq_f32(sum), hd);
+}
+
+/* Queries one after another: NEON does not yet share the cache's reads between them. */
+void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                   const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
+{
+    for (int i = 0; i < nq; i++) attn_head(q[i], k, v, kv_stride, n_keys[i], hd, scale, sc + i * sc_stride, out[i]);
 }
 #endif

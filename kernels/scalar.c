@@ -447,7 +447,23 @@ void kn_sc_rmsnorm(float *out, const float *x, const float *w, int64_t n, float 
 
 void kn_sc_swiglu(float *out, const float *gate, const float *up, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    for (int64_t i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * (up ? up[i] : 1.0f);
+}
+
+int64_t kn_sc_argmax(const float *v, int64_t n)
+{
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Portable in every build: the taps' layout lets the compiler vectorise it. */
+KN_VECTORIZE void kn_causal_conv(float *restrict out, const float *restrict win, const float *restrict taps, int K, int64_t C)
+{
+    for (int64_t c = 0; c < C; c++) out[c] = taps[c] * win[c];
+    for (int t = 1; t < K; t++)
+        for (int64_t c = 0; c < C; c++) out[c] += taps[t * C + c] * win[t * C + c];
 }
 
 /* Delta step in two passes over S instead of three: with kS = k^T S and
@@ -487,9 +503,10 @@ void kn_sc_delta_step(const float *S_in, float *S_out, const float *q, const flo
 
 /* The per-key form: one dot per score, one axpy per value row into out,
  * which stays in L1 however long the cache is.  Normalising once at the end
- * saves a division per key. */
-void kn_sc_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                     float scale, float *sc, float *out)
+ * saves a division per key.  Queries one after another: the portable build
+ * does not share the cache's reads between them. */
+static void sc_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
+                         float scale, float *sc, float *out)
 {
     float mx = -INFINITY, sum = 0.0f;
     for (int t = 0; t < n_keys; t++) {
@@ -500,6 +517,12 @@ void kn_sc_attn_head(const float *q, const float *k, const float *v, int64_t kv_
     memset(out, 0, (size_t)hd * sizeof *out);
     for (int t = 0; t < n_keys; t++) kn_sc_axpy(out, sc[t], v + (size_t)t * kv_stride, hd);
     kn_sc_scale(out, 1.0f / sum, hd);
+}
+
+void kn_sc_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                      const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
+{
+    for (int i = 0; i < nq; i++) sc_attn_head(q[i], k, v, kv_stride, n_keys[i], hd, scale, sc + i * sc_stride, out[i]);
 }
 
 /* ==== Portable matmul ==== */
@@ -705,6 +728,7 @@ void  kn_axpy(float *y, float a, const float *x, int64_t n) { kn_sc_axpy(y, a, x
 void  kn_scale(float *y, float a, int64_t n) { kn_sc_scale(y, a, n); }
 void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) { kn_sc_rmsnorm(out, x, w, n, eps); }
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_sc_swiglu(out, gate, up, n); }
+int64_t kn_argmax(const float *v, int64_t n) { return kn_sc_argmax(v, n); }
 
 void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
@@ -712,9 +736,9 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
     kn_sc_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
 }
 
-void kn_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,
-                  float scale, float *sc, float *out)
+void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
+                   const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
 {
-    kn_sc_attn_head(q, k, v, kv_stride, n_keys, hd, scale, sc, out);
+    kn_sc_attn_heads(nq, q, out, n_keys, k, v, kv_stride, hd, scale, sc, sc_stride);
 }
 #endif

@@ -394,7 +394,8 @@ static void rand_vec(float *v, int64_t n, float scale)
 static void test_vector_ops(void)
 {
     float *a = xalloc(4 * 4100), *b = xalloc(4 * 4100), *y = xalloc(4 * 4100), *y0 = xalloc(4 * 4100);
-    double w_dot = 0, w_axpy = 0, w_scale = 0, w_rms = 0, w_swi = 0;
+    double w_dot = 0, w_axpy = 0, w_scale = 0, w_rms = 0, w_swi = 0, w_silu = 0, w_conv = 0;
+    int argmax_ok = 1;
     for (int li = 0; li < N_LENS; li++) {
         int64_t n = vec_lens[li];
         rand_vec(a, n, 2.0f), rand_vec(b, n, 3.0f);
@@ -434,12 +435,38 @@ static void test_vector_ops(void)
             double ref = a[i] / (1.0 + exp(-(double)a[i])) * b[i];
             w_swi = fmax(w_swi, fabs(y[i] - ref) / (8 * ULP * fabs(ref) + 1e-30));
         }
+        kn_swiglu(y, a, NULL, n);
+        for (int64_t i = 0; i < n; i++) {
+            double ref = a[i] / (1.0 + exp(-(double)a[i]));
+            w_silu = fmax(w_silu, fabs(y[i] - ref) / (8 * ULP * fabs(ref) + 1e-30));
+        }
+
+        for (int64_t at = 0; at < n; at += 1 + at / 3) {   /* the largest at `at`, a tie after it, or all equal */
+            rand_vec(y, n, 1.0f);
+            y[at] = 2.0f;
+            if (at + 5 < n) y[at + 5] = 2.0f;
+            argmax_ok &= kn_argmax(y, n) == at;
+        }
+        for (int64_t i = 0; i < n; i++) y[i] = -3.0f;
+        argmax_ok &= kn_argmax(y, n) == 0;
+
+        /* conv over K = 4 rows of n/4 channels: b holds the taps, a the window */
+        int64_t C = n / 4;
+        kn_causal_conv(y, a, b, 4, C);
+        for (int64_t c = 0; c < C; c++) {
+            double ref = 0, cmag = 0;
+            for (int t = 0; t < 4; t++) ref += (double)b[t * C + c] * a[t * C + c], cmag += fabs((double)b[t * C + c] * a[t * C + c]);
+            w_conv = fmax(w_conv, fabs(y[c] - ref) / (4 * ULP * cmag + 1e-30));
+        }
     }
     report(w_dot <= 1, "kn_dot vs double, n = 1..4099: worst err/tol %.3f (tol (n/4+8) ulp of sum|ab|)", w_dot);
     report(w_axpy <= 1, "kn_axpy within 2 ulp: worst %.3f", w_axpy);
     report(w_scale <= 1, "kn_scale within 1 ulp: worst %.3f", w_scale);
     report(w_rms <= 1, "kn_rmsnorm (with and without weight) vs double: worst err/tol %.3f", w_rms);
     report(w_swi <= 1, "kn_swiglu vs double within 8 ulp (+1e-30), gates up to +-200: worst %.3f", w_swi);
+    report(w_silu <= 1, "kn_swiglu without up (SiLU) vs double within 8 ulp: worst %.3f", w_silu);
+    report(argmax_ok, "kn_argmax = the first index of the largest, n = 1..4099, the largest anywhere, ties, all equal");
+    report(w_conv <= 1, "kn_causal_conv (K = 4) vs double within 4 ulp of sum|w x|: worst %.3f", w_conv);
     free(a), free(b), free(y), free(y0);
 }
 
@@ -491,6 +518,13 @@ static void test_delta(void)
  * assume: libm's expf is within an ulp, the SIMD ones within 1.3 ulp
  * (7.6e-8, measured for avx2.c's); test_attn_exp checks it. */
 #define EXP_ERR 2e-7
+
+/* One query through kn_attn_heads. */
+static void attn_one(const float *q, const float *k, const float *v, int64_t stride, int n, int hd, float scale,
+                     float *sc, float *out)
+{
+    kn_attn_heads(1, &q, &out, &n, k, v, stride, hd, scale, sc, n);
+}
 
 /* Roughly N(0,1): three uniforms on [-1, 1] have variance 1/3 each. */
 static float nrand(void) { return frand() + frand() + frand(); }
@@ -591,7 +625,7 @@ static void test_attn(void)
                 for (int j = 0; j < hd + 16; j++) q[j] = j < hd ? nrand() * (spread ? 30.0f : 1.0f) : NAN;
                 for (int i = 0; i < 8; i++) sc[n + i] = out[hd + i] = guard;
                 float scale = 1.0f / sqrtf((float)hd);
-                kn_attn_head(q, k, v, stride, n, hd, scale, sc, out);
+                attn_one(q, k, v, stride, n, hd, scale, sc, out);
                 for (int i = 0; i < 8; i++) guards_ok &= sc[n + i] == guard && out[hd + i] == guard;
                 double ev, r = attn_accuracy(q, k, v, stride, n, hd, scale, out, &ev);
                 if (!(r <= worst)) worst = r;
@@ -602,14 +636,49 @@ static void test_attn(void)
                     memcpy(k2 + (size_t)t * hd, k + (size_t)t * stride, sizeof(float) * (size_t)hd);
                     memcpy(v2 + (size_t)t * hd, v + (size_t)t * stride, sizeof(float) * (size_t)hd);
                 }
-                kn_attn_head(q, k2, v2, hd, n, hd, scale, sc, out2);
+                attn_one(q, k2, v2, hd, n, hd, scale, sc, out2);
                 same &= !memcmp(out, out2, sizeof(float) * (size_t)hd);
                 free(kc), free(vc), free(q), free(sc), free(out), free(out2), free(k2), free(v2);
             }
         report(worst <= 1 && guards_ok && same,
-               "kn_attn_head hd=%-3d n_keys 1..4099, scores ~1 and ~30: worst err/tol %.3f, err %.1e of max|v|%s%s",
+               "kn_attn_heads, one query, hd=%-3d n_keys 1..4099, scores ~1 and ~30: worst err/tol %.3f, err %.1e of max|v|%s%s",
                hd, worst, worst_v, guards_ok ? "" : ", sc or out overrun", same ? "" : ", layout changes the result");
     }
+}
+
+/* Up to KN_ATTN_MAX_Q queries in one call, each with its own key count (as
+ * the tokens of a verify batch see one more key each, and several query
+ * heads share one KV head): every output has the bits of its query alone.
+ * Key counts straddle the kernels' 8-key groups and 128-key blocks. */
+static void test_attn_multi(void)
+{
+    static const int hds[] = {64, 256, 13}, bases[] = {1, 6, 120, 127, 500};
+    int same = 1, calls = 0;
+    for (size_t hi = 0; hi < sizeof hds / sizeof hds[0]; hi++)
+        for (size_t bi = 0; bi < sizeof bases / sizeof bases[0]; bi++)
+            for (int nq = 1; nq <= KN_ATTN_MAX_Q; nq += nq < 4 ? 1 : 4) {
+                int hd = hds[hi], most = bases[bi] + nq, n_keys[KN_ATTN_MAX_Q];
+                int64_t stride = 2 * hd + 3;
+                float *kc = attn_cache(hd, most), *vc = attn_cache(hd, most);
+                float *qs = xalloc(sizeof(float) * (size_t)(nq * hd)), *outs = xalloc(sizeof(float) * (size_t)(nq * hd));
+                float *one = xalloc(sizeof(float) * (size_t)hd), *sc = xalloc(sizeof(float) * (size_t)(nq * most));
+                const float *q[KN_ATTN_MAX_Q];
+                float *o[KN_ATTN_MAX_Q];
+                for (int i = 0; i < nq * hd; i++) qs[i] = nrand() * (bi & 1 ? 8.0f : 1.0f);
+                for (int i = 0; i < nq; i++) {
+                    q[i] = qs + i * hd, o[i] = outs + i * hd;
+                    n_keys[i] = i % 3 == 2 ? bases[bi] + i / 2 : bases[bi] + 1 + i;   /* some repeat, not sorted */
+                }
+                kn_attn_heads(nq, q, o, n_keys, kc + hd + 3, vc + hd + 3, stride, hd, 0.125f, sc, most);
+                for (int i = 0; i < nq; i++) {
+                    attn_one(q[i], kc + hd + 3, vc + hd + 3, stride, n_keys[i], hd, 0.125f, sc, one);
+                    same &= !memcmp(one, o[i], sizeof(float) * (size_t)hd);
+                }
+                calls++;
+                free(kc), free(vc), free(qs), free(outs), free(one), free(sc);
+            }
+    report(same, "kn_attn_heads with 1..%d queries of different key counts: each equals its query alone, bit for bit "
+           "(%d calls)", KN_ATTN_MAX_Q, calls);
 }
 
 /* Two keys whose scores are 0 and -x, value rows 0 and 1: every output is
@@ -626,7 +695,7 @@ static void test_attn_exp(void)
     for (int i = 0; i < 20000; i++) {
         float x = i < 2 ? 87.0f * i : 100.0f * (frand() + 1.0f) / 2.0f;
         k[HD] = -x;
-        kn_attn_head(q, k, v, HD, 2, HD, 1.0f, sc, out);
+        attn_one(q, k, v, HD, 2, HD, 1.0f, sc, out);
         double ref = exp(-(double)x) / (1.0 + exp(-(double)x));
         for (int j = 0; j < HD; j++) {
             double err = fabs(out[j] - ref), tol = ref * (EXP_ERR + 3 * ULP) + 2e-38;
@@ -634,7 +703,7 @@ static void test_attn_exp(void)
             if (x <= 87.0f) rel = fmax(rel, err / ref);
         }
     }
-    report(worst <= 1, "kn_attn_head's exp, via two scores x apart, x in [0, 100]: max rel err %.1e for x <= 87, "
+    report(worst <= 1, "kn_attn_heads' exp, via two scores x apart, x in [0, 100]: max rel err %.1e for x <= 87, "
            "worst err/tol %.3f (tol %.0e + 3 ulp relative, 2e-38 absolute)", rel, worst, EXP_ERR);
 }
 
@@ -757,6 +826,7 @@ int main(int argc, char **argv)
     test_vector_ops();
     test_delta();
     test_attn();
+    test_attn_multi();
     test_attn_exp();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
