@@ -2924,8 +2924,10 @@ static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
     int k = draft_room(g, budget);
     /* rows that only keep the head in step are not a draft's cost: after
      * steps without drafts there are many, and counting them made drafting
-     * look dearer than it is */
-    if (k && g->n_pend > 1) mtp_catch_up(g, 0, 1);
+     * look dearer than it is.  The few a drafting step leaves (its accepted
+     * tokens) go in the first draft's batch: a pass of their own would read
+     * the head's weights once more per step. */
+    if (k && g->n_pend > MAX_DRAFT + 1) mtp_catch_up(g, 0, 1);
     double t0 = now_ms();
     int n_draft = k ? draft(g, k) : 0;
     if (k) {

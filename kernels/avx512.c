@@ -483,10 +483,49 @@ void  kn_rmsnorm(float *out, const float *x, const float *w, int64_t n, float ep
 void  kn_swiglu(float *out, const float *gate, const float *up, int64_t n) { kn_avx2_swiglu(out, gate, up, n); }
 int64_t kn_argmax(const float *v, int64_t n) { return kn_avx2_argmax(v, n); }
 
+/* ==== Gated DeltaNet step ====
+ * avx2.c's two-pass strips, sixteen columns to a register: a strip of 64
+ * columns keeps kS, qS and d in twelve registers down all dk rows. */
+KN_INLINE void delta_strip(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
+                           float decay, float beta, float qk, float *out, int dk, int dv, int c0, int NV)
+{
+    __m512 ks[4], qs[4], d[4];
+    KN_UNROLL for (int u = 0; u < NV; u++) ks[u] = qs[u] = _mm512_setzero_ps();
+    for (int j = 0; j < dk; j++) {
+        const float *row = S_in + (size_t)j * dv + c0;
+        __m512 kj = _mm512_set1_ps(k[j]), qj = _mm512_set1_ps(q[j]);
+        KN_UNROLL for (int u = 0; u < NV; u++) {
+            __m512 s = _mm512_loadu_ps(row + 16 * u);
+            ks[u] = _mm512_fmadd_ps(kj, s, ks[u]);
+            qs[u] = _mm512_fmadd_ps(qj, s, qs[u]);
+        }
+    }
+    __m512 dec = _mm512_set1_ps(decay);
+    KN_UNROLL for (int u = 0; u < NV; u++) {
+        __m512 kv = _mm512_mul_ps(dec, ks[u]);
+        d[u] = _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_sub_ps(_mm512_loadu_ps(v + c0 + 16 * u), kv));
+        _mm512_storeu_ps(out + c0 + 16 * u, _mm512_fmadd_ps(_mm512_set1_ps(qk), d[u], _mm512_mul_ps(dec, qs[u])));
+    }
+    for (int j = 0; j < dk; j++) {
+        const float *row = S_in + (size_t)j * dv + c0;
+        float *dst = S_out + (size_t)j * dv + c0;
+        __m512 kj = _mm512_set1_ps(k[j]);
+        KN_UNROLL for (int u = 0; u < NV; u++)
+            _mm512_storeu_ps(dst + 16 * u, _mm512_fmadd_ps(dec, _mm512_loadu_ps(row + 16 * u), _mm512_mul_ps(kj, d[u])));
+    }
+}
+
 void kn_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                    float decay, float beta, float *out, int dk, int dv)
 {
-    kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
+    if (dv % 16) {
+        kn_avx2_delta_step(S_in, S_out, q, k, v, decay, beta, out, dk, dv);
+        return;
+    }
+    float qk = kn_avx2_dot(q, k, dk);
+    int c0 = 0;
+    for (; c0 + 64 <= dv; c0 += 64) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 4);
+    for (; c0 < dv; c0 += 16) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
 
 void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,

@@ -149,6 +149,10 @@ DEFF(fmsub_ps, (__m512 a, __m512 b, __m512 c), EU x = eu_f(a), y = eu_f(b), z = 
 DEFF(mul_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = x.f[k] * y.f[k])
 #define _mm512_add_ps emu_add_ps
 DEFF(add_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = x.f[k] + y.f[k])
+#define _mm512_sub_ps emu_sub_ps
+DEFF(sub_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = x.f[k] - y.f[k])
+#define _mm512_storeu_ps emu_storeu_ps
+static inline void emu_storeu_ps(void *p, __m512 a) { memcpy(p, &a, 64); }
 #define _mm512_reduce_add_ps emu_reduce_add_ps
 static inline float emu_reduce_add_ps(__m512 a) { EU x = eu_f(a); float s = 0; for (int k = 0; k < 16; k++) s += x.f[k]; return s; }
 

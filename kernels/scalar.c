@@ -375,11 +375,17 @@ KN_VECTORIZE void kn_act_prepare(int wtype, const float *x, int64_t n, void *out
     float *d = (float *)(q + n);
     for (int64_t b = 0; b < n / bs; b++) {
         const float *xb = x + b * bs;
-        float amax = 0.0f;
-        for (int64_t j = 0; j < bs; j++) {      /* not fmaxf: GCC calls libm for it, per element */
-            float a = fabsf(xb[j]);
-            amax = a > amax ? a : amax;
+        /* the largest |x| as the largest bit pattern with the sign cleared
+         * (same order for floats >= 0): GCC vectorises an integer max, not
+         * a float one (nor fmaxf, which it calls libm for, per element) */
+        uint32_t amax_bits = 0;
+        for (int64_t j = 0; j < bs; j++) {
+            uint32_t u;
+            memcpy(&u, xb + j, 4);
+            u &= 0x7fffffffu;
+            amax_bits = u > amax_bits ? u : amax_bits;
         }
+        float amax = kn_bits_f32(amax_bits);
         float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int64_t j = 0; j < bs; j++) {

@@ -475,7 +475,7 @@ static void test_vector_ops(void)
  * leave the input state untouched. */
 static void test_delta(void)
 {
-    static const int dims[][2] = {{32, 32}, {128, 128}, {16, 40}, {64, 24}};
+    static const int dims[][2] = {{32, 32}, {128, 128}, {16, 40}, {64, 24}, {64, 64}, {48, 80}};
     for (size_t di = 0; di < sizeof dims / sizeof dims[0]; di++) {
         int dk = dims[di][0], dv = dims[di][1];
         size_t ns = (size_t)dk * dv;
