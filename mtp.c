@@ -1000,10 +1000,18 @@ static void matmul_worker(void *ctx, int ith, int nth) {
  * Everything one sequence carries from token to token.  Full-attention
  * layers keep K/V per position; the cache is truncated by moving n_past back.
  * DeltaNet layers keep a conv window and a [k_head_dim][v_head_dim]
- * recurrent state per value head.  Those live in a ring of n_slots copies:
- * a speculative batch writes token j's state into slot (slot+j+1), so
- * rejecting drafts is just choosing which slot becomes current - no copies
- * taken in advance, no recomputation. */
+ * recurrent state per value head.
+ *
+ * Speculation must be able to keep any prefix of a batch.  The conv windows
+ * are small and live in a ring of n_slots copies: token j of a speculative
+ * batch writes its window into slot (slot+j+1), and keeping a prefix is
+ * choosing a slot.  The recurrent states are large (18 MB per copy for the
+ * 0.8B model), and writing one copy per token made a 3-token verify 10%
+ * dearer; so a speculative batch writes no recurrent state at all (each head
+ * evolves in a thread's scratch), it records each token's DeltaNet inputs
+ * instead, and keeping a prefix replays those tokens on the committed state
+ * in place: one read and one write of the state, the price of a decode
+ * step's, with the same arithmetic as plain decoding, bit for bit. */
 
 #define UBATCH 32               /* tokens per forward call in prefill */
 
@@ -1015,13 +1023,16 @@ typedef struct {
     float *k_cache[MAX_LAYERS]; /* full-attention layers: [n_ctx][n_kv_head*head_dim] */
     float *v_cache[MAX_LAYERS]; /* same shape */
     float *conv[MAX_LAYERS];    /* recurrent layers: [n_slots][conv_kernel-1][conv_dim] */
-    float *ssm[MAX_LAYERS];     /* recurrent layers: [n_slots][n_v_heads][k_head_dim][v_head_dim] */
+    float *ssm[MAX_LAYERS];     /* recurrent layers: [n_v_heads][k_head_dim][v_head_dim], committed */
+    float *spec_rows[MAX_LAYERS]; /* recurrent layers: [n_slots-1][spec_row_floats] a speculative
+                                   * batch's DeltaNet inputs per token: q k v after conv and norms, decay, beta */
     float *mtp_k, *mtp_v;       /* the MTP block's own cache: [n_ctx][n_kv_head*head_dim] */
     int mtp_n;                  /* teacher-forced MTP cache entries: positions 0..mtp_n-1 */
 } State;
 
 static size_t conv_slot_floats(const Config *c) { return (size_t)(c->conv_kernel - 1) * c->conv_dim; }
-static size_t ssm_slot_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_head_dim * c->v_head_dim; }
+static size_t ssm_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_head_dim * c->v_head_dim; }
+static size_t spec_row_floats(const Config *c) { return (size_t)c->conv_dim + 2 * (size_t)c->n_v_heads; }
 
 static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
     memset(s, 0, sizeof *s);
@@ -1031,7 +1042,8 @@ static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
             s->conv[l] = xcalloc(n_slots * conv_slot_floats(c), sizeof(float));
-            s->ssm[l] = xcalloc(n_slots * ssm_slot_floats(c), sizeof(float));
+            s->ssm[l] = xcalloc(ssm_floats(c), sizeof(float));
+            s->spec_rows[l] = xcalloc(n_slots * spec_row_floats(c), sizeof(float));
         } else {
             s->k_cache[l] = xcalloc(kv, sizeof(float));
             s->v_cache[l] = xcalloc(kv, sizeof(float));
@@ -1049,15 +1061,10 @@ static void state_free(State *s) {
         free(s->v_cache[l]);
         free(s->conv[l]);
         free(s->ssm[l]);
+        free(s->spec_rows[l]);
     }
     free(s->mtp_k);
     free(s->mtp_v);
-}
-
-/* Keep the first n_keep tokens of a speculative batch. */
-static void state_commit(State *s, int n_keep) {
-    s->n_past += n_keep;
-    s->slot = (s->slot + n_keep) % s->n_slots;
 }
 
 /* ==== Forward ====
@@ -1082,6 +1089,7 @@ typedef struct {
     float *conv_win;            /* [conv_kernel-1+UBATCH][conv_dim] */
     float *decay, *beta;        /* [UBATCH][n_v_heads] */
     float *att;                 /* [n_threads][KN_ATTN_MAX_Q][n_ctx] attention scores */
+    float *delta_tmp;           /* [n_threads][k_head_dim*v_head_dim] a head's state within a speculative batch */
     float *ffn_a, *ffn_b;       /* [UBATCH][max ffn width] */
     float *moe_w;               /* [UBATCH][n_expert] routing weight (0 when unused) */
     float *moe_x, *moe_y;       /* [UBATCH][dim] rows gathered for one expert */
@@ -1122,6 +1130,7 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
     s->decay = xcalloc(B * c->n_v_heads, sizeof(float));
     s->beta = xcalloc(B * c->n_v_heads, sizeof(float));
     s->att = xcalloc((size_t)n_threads * KN_ATTN_MAX_Q * n_ctx, sizeof(float));
+    s->delta_tmp = xcalloc((size_t)n_threads * c->k_head_dim * c->v_head_dim, sizeof(float));
     s->ffn_a = xcalloc(B * ffn, sizeof(float));
     s->ffn_b = xcalloc(B * ffn, sizeof(float));
     s->moe_w = xcalloc(B * max_sz(1, (size_t)c->n_expert), sizeof(float));
@@ -1140,7 +1149,7 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
 
 static void scratch_free(Scratch *s) {
     float *bufs[] = {s->x, s->xn, s->proj, s->gate, s->mix, s->k, s->v, s->out, s->ab, s->conv_win, s->decay,
-                     s->beta, s->att, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in,
+                     s->beta, s->att, s->delta_tmp, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in,
                      s->inv_freq, s->rope_cos, s->rope_sin};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) free(bufs[i]);
     free(s->moe_rows);
@@ -1282,17 +1291,15 @@ static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache,
 
 typedef struct {
     const Config *c;
-    const Layer *L;
-    State *st;
-    int layer, n, spec;
-    const float *qkv;           /* [n][conv_dim] after conv, SiLU and the q/k L2 norms */
-    const float *decay, *beta;  /* [n][n_v_heads] */
+    float *ssm;                 /* [n_v_heads][k_head_dim][v_head_dim] the committed state */
+    float *tmp;                 /* NULL: the rows update ssm in place; else [nth][k_head_dim*v_head_dim]
+                                 * where a speculative batch's heads evolve, ssm untouched */
+    int n;
+    const float *qkv;           /* [n] rows qkv_stride apart: q, k, v after conv, SiLU and the q/k L2 norms */
+    const float *decay, *beta;  /* [n] rows gate_stride apart: [n_v_heads] */
+    int64_t qkv_stride, gate_stride;
     float *out;                 /* [n][n_v_heads*v_head_dim] */
 } DeltaJob;
-
-/* Slot a token of the batch reads its recurrent state from / writes it to. */
-static int slot_in(const State *s, int r, int spec) { return spec ? (s->slot + r) % s->n_slots : s->slot; }
-static int slot_out(const State *s, int r, int spec) { return spec ? (s->slot + r + 1) % s->n_slots : s->slot; }
 
 static void delta_worker(void *ctx, int ith, int nth) {
     const DeltaJob *j = ctx;
@@ -1303,13 +1310,12 @@ static void delta_worker(void *ctx, int ith, int nth) {
     pool_share(c->n_v_heads, ith, nth, 1, &lo, &hi);
     for (int h = (int)lo; h < hi; h++) {
         int kh = c->v_tiled ? h % c->n_k_heads : h / group;
+        float *S = j->ssm + h * head_floats, *S_out = j->tmp ? j->tmp + ith * head_floats : S;
         for (int r = 0; r < j->n; r++) {
-            const float *S_in = j->st->ssm[j->layer] + slot_in(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
-            float *S = j->st->ssm[j->layer] + slot_out(j->st, r, j->spec) * ssm_slot_floats(c) + h * head_floats;
-            const float *row = j->qkv + (int64_t)r * c->conv_dim;
+            const float *row = j->qkv + r * j->qkv_stride;
             const float *q = row + kh * dk, *k = row + c->n_k_heads * dk + kh * dk;
             const float *v = row + 2 * c->n_k_heads * dk + h * dv;
-            kn_delta_step(S_in, S, q, k, v, j->decay[r * c->n_v_heads + h], j->beta[r * c->n_v_heads + h],
+            kn_delta_step(r ? S_out : S, S_out, q, k, v, j->decay[r * j->gate_stride + h], j->beta[r * j->gate_stride + h],
                           j->out + (int64_t)r * c->n_v_heads * dv + h * dv, dk, dv);
         }
     }
@@ -1320,6 +1326,9 @@ static void l2norm_scaled(float *v, int n, float scale) {
     kn_scale(v, scale / sqrtf(ss + 1e-6f), n);
 }
 
+/* The slot token r of a batch leaves its conv window in. */
+static int conv_slot_out(const State *s, int r, int spec) { return spec ? (s->slot + r + 1) % s->n_slots : s->slot; }
+
 /* Depthwise causal conv over [previous conv_kernel-1 inputs, this batch],
  * then SiLU; stores each token's conv window in its output slot. */
 static void deltanet_conv(Engine *e, const Layer *L, int layer, int n, int spec) {
@@ -1328,14 +1337,14 @@ static void deltanet_conv(Engine *e, const Layer *L, int layer, int n, int spec)
     State *st = &e->st;
     int K = c->conv_kernel, C = c->conv_dim;
     size_t keep = conv_slot_floats(c);
-    memcpy(s->conv_win, st->conv[layer] + slot_in(st, 0, spec) * keep, keep * sizeof(float));
+    memcpy(s->conv_win, st->conv[layer] + st->slot * keep, keep * sizeof(float));
     memcpy(s->conv_win + keep, s->proj, (size_t)n * C * sizeof(float));
     for (int r = 0; r < n; r++) {
         float *y = s->proj + (int64_t)r * C;
         kn_causal_conv(y, s->conv_win + (int64_t)r * C, L->conv_taps, K, C);
         kn_swiglu(y, y, NULL, C);
         if (spec || r == n - 1)
-            memcpy(st->conv[layer] + slot_out(st, r, spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
+            memcpy(st->conv[layer] + conv_slot_out(st, r, spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
     }
 }
 
@@ -1382,7 +1391,14 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
         }
     }
     deltanet_gates(e, L, n);
-    DeltaJob job = {c, L, &e->st, layer, n, spec, s->proj, s->decay, s->beta, s->mix};
+    if (spec)
+        for (int r = 0; r < n; r++) {
+            float *keep = e->st.spec_rows[layer] + r * spec_row_floats(c);
+            memcpy(keep, s->proj + (int64_t)r * c->conv_dim, c->conv_dim * sizeof(float));
+            memcpy(keep + c->conv_dim, s->decay + r * nv, nv * sizeof(float));
+            memcpy(keep + c->conv_dim + nv, s->beta + r * nv, nv * sizeof(float));
+        }
+    DeltaJob job = {c, e->st.ssm[layer], spec ? s->delta_tmp : NULL, n, s->proj, s->decay, s->beta, c->conv_dim, nv, s->mix};
     pool_run(&e->pool, delta_worker, &job);
     /* gated RMSNorm per value head: norm(o) * w * silu(z) */
     for (int r = 0; r < n; r++)
@@ -1515,6 +1531,24 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
     else if (logits == LOGITS_LAST)
         lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits, c->n_vocab);
     if (!spec) st->n_past += n;
+}
+
+/* Keep the first n_keep tokens of the speculative batch forward() just ran:
+ * their conv windows are in slots already; their recurrent updates are
+ * replayed on the committed state from the recorded inputs (outputs land in
+ * scratch, unused). */
+static void state_commit(Engine *e, int n_keep) {
+    const Config *c = &e->model->cfg;
+    State *st = &e->st;
+    int64_t row = (int64_t)spec_row_floats(c);
+    for (int l = 0; l < c->n_layer; l++) {
+        if (!c->recurrent[l]) continue;
+        const float *rows = st->spec_rows[l];
+        DeltaJob job = {c, st->ssm[l], NULL, n_keep, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads, row, row, e->s.mix};
+        pool_run(&e->pool, delta_worker, &job);
+    }
+    st->n_past += n_keep;
+    st->slot = (st->slot + n_keep) % st->n_slots;
 }
 
 /* ==== MTP head ====
@@ -2656,7 +2690,9 @@ typedef struct {
     Dist p, q[MAX_DRAFT];
     float alpha[MAX_DRAFT];     /* running P(draft i accepted | drafts before it accepted) */
     int alpha_n[MAX_DRAFT];     /* weight of alpha[i]: 1 (the prior alone) plus observations, up to ALPHA_SPAN */
-    double t_draft, t_verify[MAX_DRAFT + 2]; /* running costs in ms: one draft step, a verify of n tokens */
+    double t_draft, t_verify[MAX_DRAFT + 2]; /* running costs in ms: one draft step, a verify of n tokens
+                                              * (its forward pass and the commit of the tokens kept) */
+    double t_forward;           /* the last verify's forward pass, ms */
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
     int probing;                /* this step's draft is a probe */
@@ -2858,8 +2894,8 @@ static int verify(Gen *g, int n_draft, int32_t *out) {
     const int32_t *drafts = g->toks + g->n_toks;
     double t0 = now_ms();
     forward(e, g->toks + g->n_toks - 1, n_draft + 1, n_draft > 0, n_draft > 0 ? LOGITS_ALL : LOGITS_LAST);
-    ema(&g->t_verify[n_draft + 1], elapsed_since(t0));
-    g->st.verify_ms += elapsed_since(t0);
+    g->t_forward = elapsed_since(t0);
+    g->st.verify_ms += g->t_forward;
     int n_acc = 0;
     for (;; n_acc++) {
         sampler_dist(g->smp, e->s.logits + (int64_t)n_acc * c->n_vocab, c->n_vocab, g->toks, g->n_toks + n_acc, &g->p);
@@ -2901,7 +2937,8 @@ static void advance(Gen *g, int n_draft, int budget, EmitFn emit, void *ud, int 
     }
     int n_out = emit_tokens(g, out, n_acc + 1, budget, emit, ud, done);
     double t0 = now_ms();
-    if (n_draft) state_commit(&e->st, n_out);
+    if (n_draft) state_commit(e, n_out);
+    ema(&g->t_verify[n_draft + 1], g->t_forward + elapsed_since(t0));   /* keeping tokens is part of a verify's price */
     for (int i = 0; g->use_mtp && i < n_out; i++) mtp_push(g, e->s.hidden + (int64_t)i * c->dim, out[i]);
     memcpy(g->h_last, e->s.hidden + (int64_t)(n_out - 1) * c->dim, c->dim * sizeof(float));
     memcpy(g->toks + g->n_toks, out, n_out * sizeof *out);
@@ -3980,26 +4017,25 @@ static void repl_forget(Gen *g) {
     for (int l = 0; l < c->n_layer; l++)
         if (c->recurrent[l]) {
             memset(st->conv[l], 0, st->n_slots * conv_slot_floats(c) * sizeof(float));
-            memset(st->ssm[l], 0, st->n_slots * ssm_slot_floats(c) * sizeof(float));
+            memset(st->ssm[l], 0, ssm_floats(c) * sizeof(float));
         }
     st->n_past = st->slot = st->mtp_n = 0;
     g->n_toks = g->n_pend = 0;
 }
 
-/* Room for a longer speculative batch: more recurrent-state slots, the
- * committed state moved to slot 0. */
+/* Room for a longer speculative batch: more conv-window slots (the
+ * committed one moved to slot 0) and rows to record its tokens in. */
 static void state_grow_slots(State *st, const Config *c, int n_slots) {
     if (n_slots <= st->n_slots) return;
-    size_t cs = conv_slot_floats(c), ss = ssm_slot_floats(c);
+    size_t cs = conv_slot_floats(c);
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
-        float *conv = xcalloc(n_slots * cs, sizeof(float)), *ssm = xcalloc(n_slots * ss, sizeof(float));
+        float *conv = xcalloc(n_slots * cs, sizeof(float));
         memcpy(conv, st->conv[l] + st->slot * cs, cs * sizeof(float));
-        memcpy(ssm, st->ssm[l] + st->slot * ss, ss * sizeof(float));
         free(st->conv[l]);
-        free(st->ssm[l]);
+        free(st->spec_rows[l]);
         st->conv[l] = conv;
-        st->ssm[l] = ssm;
+        st->spec_rows[l] = xcalloc(n_slots * spec_row_floats(c), sizeof(float));
     }
     st->n_slots = n_slots;
     st->slot = 0;
@@ -4166,7 +4202,7 @@ static SaveHeader save_header(const Repl *r) {
     h.dim = c->dim;
     h.kv_dim = c->n_kv_head * c->head_dim;
     h.conv_floats = (int32_t)conv_slot_floats(c);
-    h.ssm_floats = (int32_t)ssm_slot_floats(c);
+    h.ssm_floats = (int32_t)ssm_floats(c);
     h.rng = g->smp->cfg.rng;
     snprintf(h.model_name, sizeof h.model_name, "%s", name ? name + 1 : r->o->model);
     return h;
@@ -4182,11 +4218,11 @@ static int state_io(Repl *r, FILE *f, IoFn io, const SaveHeader *h) {
     Gen *g = r->g;
     State *st = &g->e->st;
     const Config *c = &r->model->cfg;
-    size_t kv = (size_t)h->kv_dim * sizeof(float), cs = conv_slot_floats(c), ss = ssm_slot_floats(c);
+    size_t kv = (size_t)h->kv_dim * sizeof(float), cs = conv_slot_floats(c), ss = ssm_floats(c);
     int err = io(f, g->toks, (size_t)h->n_toks * sizeof *g->toks);
     for (int l = 0; l < c->n_layer && !err; l++)
         if (c->recurrent[l])
-            err = io(f, st->conv[l] + st->slot * cs, cs * sizeof(float)) || io(f, st->ssm[l] + st->slot * ss, ss * sizeof(float));
+            err = io(f, st->conv[l] + st->slot * cs, cs * sizeof(float)) || io(f, st->ssm[l], ss * sizeof(float));
         else
             err = io(f, st->k_cache[l], (size_t)h->n_past * kv) || io(f, st->v_cache[l], (size_t)h->n_past * kv);
     if (c->n_mtp && !err) err = io(f, st->mtp_k, (size_t)h->mtp_n * kv) || io(f, st->mtp_v, (size_t)h->mtp_n * kv);

@@ -125,7 +125,7 @@ static int states_equal(const Engine *a, const Engine *b) {
     size_t kv = (size_t)a->st.n_past * c->n_kv_head * c->head_dim * sizeof(float);
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
-            if (memcmp(a->st.ssm[l] + a->st.slot * ssm_slot_floats(c), b->st.ssm[l] + b->st.slot * ssm_slot_floats(c), ssm_slot_floats(c) * sizeof(float)) ||
+            if (memcmp(a->st.ssm[l], b->st.ssm[l], ssm_floats(c) * sizeof(float)) ||
                 memcmp(a->st.conv[l] + a->st.slot * conv_slot_floats(c), b->st.conv[l] + b->st.slot * conv_slot_floats(c), conv_slot_floats(c) * sizeof(float)))
                 return 0;
         } else if (memcmp(a->st.k_cache[l], b->st.k_cache[l], kv) || memcmp(a->st.v_cache[l], b->st.v_cache[l], kv)) {
