@@ -1301,8 +1301,8 @@ typedef struct {
     float *out;                 /* [n][n_v_heads*v_head_dim] */
 } DeltaJob;
 
-static void delta_worker(void *ctx, int ith, int nth) {
-    const DeltaJob *j = ctx;
+/* The job's rows on thread ith's share of the value heads. */
+static void delta_heads(const DeltaJob *j, int ith, int nth) {
     const Config *c = j->c;
     int dk = c->k_head_dim, dv = c->v_head_dim, group = c->n_v_heads / c->n_k_heads;
     size_t head_floats = (size_t)dk * dv;
@@ -1320,6 +1320,8 @@ static void delta_worker(void *ctx, int ith, int nth) {
         }
     }
 }
+
+static void delta_worker(void *ctx, int ith, int nth) { delta_heads(ctx, ith, nth); }
 
 static void l2norm_scaled(float *v, int n, float scale) {
     float ss = kn_dot(v, v, n);
@@ -1533,22 +1535,33 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
     if (!spec) st->n_past += n;
 }
 
-/* Keep the first n_keep tokens of the speculative batch forward() just ran:
- * their conv windows are in slots already; their recurrent updates are
- * replayed on the committed state from the recorded inputs (outputs land in
- * scratch, unused). */
-static void state_commit(Engine *e, int n_keep) {
-    const Config *c = &e->model->cfg;
-    State *st = &e->st;
+typedef struct { Engine *e; int n_keep; } CommitJob;
+
+/* Every recurrent layer's replay in one pool job: one synchronisation per
+ * commit, not one per layer.  Each thread's outputs land in its own rows of
+ * scratch, unused. */
+static void commit_worker(void *ctx, int ith, int nth) {
+    const CommitJob *cj = ctx;
+    const Config *c = &cj->e->model->cfg;
+    State *st = &cj->e->st;
     int64_t row = (int64_t)spec_row_floats(c);
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
         const float *rows = st->spec_rows[l];
-        DeltaJob job = {c, st->ssm[l], NULL, n_keep, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads, row, row, e->s.mix};
-        pool_run(&e->pool, delta_worker, &job);
+        DeltaJob job = {c, st->ssm[l], NULL, cj->n_keep, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads,
+                        row, row, cj->e->s.mix};
+        delta_heads(&job, ith, nth);
     }
-    st->n_past += n_keep;
-    st->slot = (st->slot + n_keep) % st->n_slots;
+}
+
+/* Keep the first n_keep tokens of the speculative batch forward() just ran:
+ * their conv windows are in slots already; their recurrent updates are
+ * replayed on the committed state from the recorded inputs. */
+static void state_commit(Engine *e, int n_keep) {
+    CommitJob job = {e, n_keep};
+    pool_run(&e->pool, commit_worker, &job);
+    e->st.n_past += n_keep;
+    e->st.slot = (e->st.slot + n_keep) % e->st.n_slots;
 }
 
 /* ==== MTP head ====
@@ -2697,6 +2710,7 @@ typedef struct {
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
     int probing;                /* this step's draft is a probe */
     int since_plain;            /* drafting steps since the last plain one (which re-measures a plain step's cost) */
+    int drafted;                /* the last step drafted, so the head's pending rows are only its accepted tokens */
     const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
     int ignore_eos;
     int verbose;                /* one stderr line per speculative step */
@@ -2961,10 +2975,11 @@ static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
     int k = draft_room(g, budget);
     /* rows that only keep the head in step are not a draft's cost: after
      * steps without drafts there are many, and counting them made drafting
-     * look dearer than it is.  The few a drafting step leaves (its accepted
-     * tokens) go in the first draft's batch: a pass of their own would read
-     * the head's weights once more per step. */
-    if (k && g->n_pend > MAX_DRAFT + 1) mtp_catch_up(g, 0, 1);
+     * look as dear as a decode step.  The few a drafting step leaves (its
+     * accepted tokens) go in the next draft's batch: a pass of their own
+     * would read the head's weights once more per step. */
+    if (k && !g->drafted && g->n_pend > 1) mtp_catch_up(g, 0, 1);
+    g->drafted = k > 0;
     double t0 = now_ms();
     int n_draft = k ? draft(g, k) : 0;
     if (k) {
