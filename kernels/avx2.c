@@ -548,13 +548,23 @@ static inline __m256 scores8(const float *q, const float *k, int64_t kv_stride, 
     return hsum8x8(acc);
 }
 
-/* Value rows are swept once per chunk of the head; taken in blocks of this
- * many keys (128 KB of rows at hd = 256) they are still in L2 for the
- * chunks after the first.  Measured at 4099 keys: 5-20% faster than one
- * sweep over all keys; 32 or 64 keys lost up to 20% with 4 KB row strides.
- * Between blocks the accumulators pass through out, which keeps each
- * output's sum in key order: the block size does not change the result. */
-#define KN_ATTN_KEYS 128
+/* sc[t] = scale * q . k_t for t in [t0, t1), eight keys at a time from t0
+ * (a multiple of 8); returns their max. */
+static float attn_scores(const float *q, const float *k, int64_t kv_stride, int t0, int t1, int n_keys, int hd,
+                         float scale, float *sc)
+{
+    const __m256i tail = lanes_below(hd % 8);
+    const __m256 sv = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int t = t0; t < t1; t += 8) {
+        __m256 s = _mm256_mul_ps(sv, scores8(q, k, kv_stride, t, n_keys, hd, tail));
+        mx = _mm256_max_ps(mx, s);
+        if (t1 - t >= 8) _mm256_storeu_ps(sc + t, s);
+        else store_part(sc + t, s, t1 - t);
+    }
+    /* the padding lanes hold real scores, so the max is right as it is */
+    return hmax8(mx);
+}
 
 /* out[0, 8*(NV-1) + last) += sum_t p[t] v_t over the same range (first:
  * out starts from 0), NV accumulators carried down the keys; last < 8 reads
@@ -581,9 +591,10 @@ KN_INLINE void attn_out(const float *p, const float *v, int64_t kv_stride, int n
     }
 }
 
-/* One block of keys over the whole head, in chunks of 64, 32 and 8 floats. */
-static void attn_out_block(const float *p, const float *v, int64_t kv_stride, int n_keys, int hd, int first,
-                           float *out)
+/* One block of keys over the whole head, in chunks of 64, 32 and 8 floats.
+ * Between blocks the accumulators pass through out, which keeps each
+ * output's sum in key order. */
+static void attn_values(const float *p, const float *v, int64_t kv_stride, int n_keys, int hd, int first, float *out)
 {
     int c = 0;
     for (; c + 64 <= hd; c += 64) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 8, 8);
@@ -591,7 +602,10 @@ static void attn_out_block(const float *p, const float *v, int64_t kv_stride, in
     for (; c < hd; c += 8) attn_out(p, v + c, kv_stride, n_keys, first, out + c, 1, hd - c < 8 ? hd - c : 8);
 }
 
-/* exp(sc[t] - max) over a query's n scores, in place; returns their sum */
+const kn_attn_steps kn_avx2_attn_steps = {attn_scores, attn_values};
+
+/* exp(sc[t] - max) over a query's n scores, in place; returns their sum.
+ * The exponentials of -inf padding lanes are exactly 0. */
 static float softmax_numerators(float *sc, int n, float max)
 {
     const __m256 m = _mm256_set1_ps(max);
@@ -613,39 +627,31 @@ static float softmax_numerators(float *sc, int n, float max)
 /* Keys and values are swept in blocks of KN_ATTN_KEYS, every query taking
  * its part of a block before the next block is read, so each block comes
  * from memory once and from L1/L2 for the other queries.  A query's own
- * sequence of operations is that of a single query: its scores eight keys
- * at a time from key 0, its value sums in the same blocks. */
-void kn_avx2_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
-                        const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
+ * sequence of operations is that of a single query: its scores in the same
+ * blocks from key 0, its value sums in the same blocks. */
+void kn_avx2_attn_heads(const kn_attn_steps *steps, int nq, const float *const *q, float *const *out,
+                        const int *n_keys, const float *k, const float *v, int64_t kv_stride, int hd, float scale,
+                        float *sc, int64_t sc_stride)
 {
-    const __m256i tail = lanes_below(hd % 8);
-    const __m256 sv = _mm256_set1_ps(scale);
-    __m256 mx[KN_ATTN_MAX_Q];
+    float mx[KN_ATTN_MAX_Q], sum[KN_ATTN_MAX_Q];
     int most = 0;
     for (int i = 0; i < nq; i++) {
-        mx[i] = _mm256_set1_ps(-INFINITY);
+        mx[i] = -INFINITY;
         most = n_keys[i] > most ? n_keys[i] : most;
     }
     for (int b0 = 0; b0 < most; b0 += KN_ATTN_KEYS)
-        for (int i = 0; i < nq; i++) {
-            float *s_i = sc + i * sc_stride;
-            int n = n_keys[i], end = b0 + KN_ATTN_KEYS < n ? b0 + KN_ATTN_KEYS : n;
-            for (int t0 = b0; t0 < end; t0 += 8) {
-                __m256 s = _mm256_mul_ps(sv, scores8(q[i], k, kv_stride, t0, n, hd, tail));
-                mx[i] = _mm256_max_ps(mx[i], s);
-                if (n - t0 >= 8) _mm256_storeu_ps(s_i + t0, s);
-                else store_part(s_i + t0, s, n - t0);
+        for (int i = 0; i < nq; i++)
+            if (b0 < n_keys[i]) {
+                int end = b0 + KN_ATTN_KEYS < n_keys[i] ? b0 + KN_ATTN_KEYS : n_keys[i];
+                float m = steps->scores(q[i], k, kv_stride, b0, end, n_keys[i], hd, scale, sc + i * sc_stride);
+                mx[i] = m > mx[i] ? m : mx[i];
             }
-        }
-    /* the padding lanes hold real scores, so the max is right as it is; in
-     * the exponentials they are -inf, which exp8 takes to exactly 0 */
-    float sum[KN_ATTN_MAX_Q];
-    for (int i = 0; i < nq; i++) sum[i] = softmax_numerators(sc + i * sc_stride, n_keys[i], hmax8(mx[i]));
+    for (int i = 0; i < nq; i++) sum[i] = softmax_numerators(sc + i * sc_stride, n_keys[i], mx[i]);
     for (int b0 = 0; b0 < most; b0 += KN_ATTN_KEYS)
         for (int i = 0; i < nq; i++)
             if (b0 < n_keys[i]) {
                 int nb = n_keys[i] - b0 < KN_ATTN_KEYS ? n_keys[i] - b0 : KN_ATTN_KEYS;
-                attn_out_block(sc + i * sc_stride + b0, v + (size_t)b0 * kv_stride, kv_stride, nb, hd, b0 == 0, out[i]);
+                steps->values(sc + i * sc_stride + b0, v + (size_t)b0 * kv_stride, kv_stride, nb, hd, b0 == 0, out[i]);
             }
     for (int i = 0; i < nq; i++) kn_avx2_scale(out[i], 1.0f / sum[i], hd);
 }
@@ -676,6 +682,6 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
 void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
                    const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
 {
-    kn_avx2_attn_heads(nq, q, out, n_keys, k, v, kv_stride, hd, scale, sc, sc_stride);
+    kn_avx2_attn_heads(&kn_avx2_attn_steps, nq, q, out, n_keys, k, v, kv_stride, hd, scale, sc, sc_stride);
 }
 #endif

@@ -528,9 +528,93 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
     for (; c0 < dv; c0 += 16) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
 
+/* ==== Attention ====
+ * avx2.c's blocks (and driver) with sixteen floats to a register, for head
+ * sizes that are multiples of 16; others take the AVX2 steps. */
+
+/* Lane u of the result is the sum of the 16 lanes of a[u]: quarters folded
+ * pairwise across registers, then within 128-bit lanes. */
+static inline __m256 sum_lanes16x8(const __m512 a[8])
+{
+    __m512 p[4], q[2];
+    KN_UNROLL for (int i = 0; i < 4; i++)      /* quarters of a[2i] and a[2i+1]: 0+2, 1+3 */
+        p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xee));
+    KN_UNROLL for (int i = 0; i < 2; i++)      /* quarter u of q[i]: four partial sums of a[4i + u] */
+        q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x88), _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xdd));
+    __m512 r = _mm512_add_ps(_mm512_unpacklo_ps(q[0], q[1]), _mm512_unpackhi_ps(q[0], q[1]));
+    r = _mm512_add_ps(r, _mm512_shuffle_ps(r, r, 0x4e));   /* quarter u: sums of a[u], a[4+u], twice */
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), r));
+}
+
+/* As avx2.c's attn_scores: keys past the last repeat it, so a key's score
+ * never depends on which block it falls in. */
+static float attn_scores16(const float *q, const float *k, int64_t kv_stride, int t0, int t1, int n_keys, int hd,
+                           float scale, float *sc)
+{
+    const __m256 sv = _mm256_set1_ps(scale);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int t = t0; t < t1; t += 8) {
+        const float *kt[8];
+        __m512 acc[8];
+        KN_UNROLL for (int u = 0; u < 8; u++) {
+            kt[u] = k + (size_t)(t + u < n_keys ? t + u : n_keys - 1) * kv_stride;
+            acc[u] = _mm512_setzero_ps();
+        }
+        for (int j = 0; j < hd; j += 16) {
+            __m512 qj = _mm512_loadu_ps(q + j);
+            KN_UNROLL for (int u = 0; u < 8; u++) acc[u] = _mm512_fmadd_ps(qj, _mm512_loadu_ps(kt[u] + j), acc[u]);
+        }
+        __m256 s = _mm256_mul_ps(sv, sum_lanes16x8(acc));
+        mx = _mm256_max_ps(mx, s);
+        float lanes[8];
+        _mm256_storeu_ps(lanes, s);
+        memcpy(sc + t, lanes, (size_t)(t1 - t < 8 ? t1 - t : 8) * sizeof *lanes);
+    }
+    float m[8], best = -INFINITY;
+    _mm256_storeu_ps(m, mx);
+    for (int u = 0; u < 8; u++) best = m[u] > best ? m[u] : best;
+    return best;
+}
+
+/* A chunk of up to 64 floats of the head: even and odd keys in separate
+ * accumulators, so that two FMA chains hide each other's latency, added
+ * at the end of the block. */
+KN_INLINE void attn_values16(const float *p, const float *v, int64_t kv_stride, int n_keys, int first, float *out, int NV)
+{
+    __m512 even[4], odd[4];
+    KN_UNROLL for (int u = 0; u < NV; u++) {
+        even[u] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + 16 * u);
+        odd[u] = _mm512_setzero_ps();
+    }
+    int t = 0;
+    for (; t + 2 <= n_keys; t += 2) {
+        const float *v0 = v + (size_t)t * kv_stride, *v1 = v0 + kv_stride;
+        __m512 p0 = _mm512_set1_ps(p[t]), p1 = _mm512_set1_ps(p[t + 1]);
+        KN_UNROLL for (int u = 0; u < NV; u++) {
+            even[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * u), even[u]);
+            odd[u] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * u), odd[u]);
+        }
+    }
+    if (t < n_keys) {
+        __m512 p0 = _mm512_set1_ps(p[t]);
+        KN_UNROLL for (int u = 0; u < NV; u++) even[u] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + (size_t)t * kv_stride + 16 * u), even[u]);
+    }
+    KN_UNROLL for (int u = 0; u < NV; u++) _mm512_storeu_ps(out + 16 * u, _mm512_add_ps(even[u], odd[u]));
+}
+
+static void attn_values_block16(const float *p, const float *v, int64_t kv_stride, int n_keys, int hd, int first, float *out)
+{
+    int c = 0;
+    for (; c + 64 <= hd; c += 64) attn_values16(p, v + c, kv_stride, n_keys, first, out + c, 4);
+    for (; c < hd; c += 16) attn_values16(p, v + c, kv_stride, n_keys, first, out + c, 1);
+}
+
+static const kn_attn_steps attn_steps16 = {attn_scores16, attn_values_block16};
+
 void kn_attn_heads(int nq, const float *const *q, float *const *out, const int *n_keys, const float *k,
                    const float *v, int64_t kv_stride, int hd, float scale, float *sc, int64_t sc_stride)
 {
-    kn_avx2_attn_heads(nq, q, out, n_keys, k, v, kv_stride, hd, scale, sc, sc_stride);
+    kn_avx2_attn_heads(hd % 16 ? &kn_avx2_attn_steps : &attn_steps16, nq, q, out, n_keys, k, v, kv_stride, hd,
+                       scale, sc, sc_stride);
 }
 #endif

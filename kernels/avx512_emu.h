@@ -153,6 +153,19 @@ DEFF(add_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; 
 DEFF(sub_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = x.f[k] - y.f[k])
 #define _mm512_storeu_ps emu_storeu_ps
 static inline void emu_storeu_ps(void *p, __m512 a) { memcpy(p, &a, 64); }
+#define _mm512_shuffle_f32x4 emu_shuffle_f32x4
+DEFF(shuffle_f32x4, (__m512 a, __m512 b, int imm), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = (k < 8 ? x : y).f[4 * ((imm >> (2 * (k / 4))) & 3) + k % 4])
+#define _mm512_unpacklo_ps emu_unpacklo_ps
+DEFF(unpacklo_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = (k & 1 ? y : x).f[4 * (k / 4) + (k % 4) / 2])
+#define _mm512_unpackhi_ps emu_unpackhi_ps
+DEFF(unpackhi_ps, (__m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = (k & 1 ? y : x).f[4 * (k / 4) + 2 + (k % 4) / 2])
+#define _mm512_shuffle_ps emu_shuffle_ps
+DEFF(shuffle_ps, (__m512 a, __m512 b, int imm), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = (k % 4 < 2 ? x : y).f[4 * (k / 4) + ((imm >> (2 * (k % 4))) & 3)])
+#define _mm512_castps512_ps256 emu_castps512_ps256
+static inline __m256 emu_castps512_ps256(__m512 a) { __m256 r; memcpy(&r, &a, 32); return r; }
+#define _mm512_setr_epi32 emu_setr_epi32
+DEFI(setr_epi32, (int e0, int e1, int e2, int e3, int e4, int e5, int e6, int e7, int e8, int e9, int e10, int e11, int e12, int e13, int e14, int e15),
+     int v[16] = {e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15}; memcpy(&r, v, 64))
 #define _mm512_reduce_add_ps emu_reduce_add_ps
 static inline float emu_reduce_add_ps(__m512 a) { EU x = eu_f(a); float s = 0; for (int k = 0; k < 16; k++) s += x.f[k]; return s; }
 
