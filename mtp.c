@@ -4565,8 +4565,8 @@ int main(int argc, char **argv) {
             fprintf(stderr, "mtp-gen: note: the model (%.1f GB) is larger than RAM (%.1f GB): weights are paged in from disk as "
                             "they are used, so speed is bound by the disk\n", model.file.size / 1e9, ram / 1e9);
         if (use_mtp && o.mtp != 0)
-            fprintf(stderr, "mtp-gen: MTP head found: speculative decoding on (%s %d draft%s per step%s)\n",
-                    o.spec.adaptive ? "adaptive, up to" : "", o.spec.n_draft, o.spec.n_draft == 1 ? "" : "s",
+            fprintf(stderr, "mtp-gen: MTP head found: speculative decoding on (%s%d draft%s per step%s)\n",
+                    o.spec.adaptive ? "adaptive, up to " : "", o.spec.n_draft, o.spec.n_draft == 1 ? "" : "s",
                     o.spec.optimistic ? ", optimistic: output is not verified" : "");
     }
     signal(SIGINT, on_sigint);

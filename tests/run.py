@@ -392,6 +392,23 @@ def test_fused_experts():
           r.returncode == 0 and after < before and f32(out) == a, r.stderr.decode()[-300:])
 
 
+def test_larger_than_ram():
+    """A file larger than RAM (a fixture grown past RAM with a sparse hole
+    after its data) still runs, says so once on stderr, and writes what the
+    file it extends writes."""
+    src = gguf("qwen35-moe", "q8_0")
+    dst = os.path.join(TMP, "moe-larger-than-ram.gguf")
+    shutil.copyfile(src, dst)
+    os.truncate(dst, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGESIZE") + (1 << 30))
+    args = ["-p", "The quick brown fox", "-n", "12", "--temp", "0", "--no-display-prompt"]
+    a, b = run(["-m", src] + args), run(["-m", dst] + args)
+    notes = b.stderr.decode().count("larger than RAM")
+    check("moe: a model file larger than RAM runs, says so once on stderr, same output as the file's data alone",
+          a.returncode == 0 and b.returncode == 0 and notes == 1 and b"larger than RAM" not in a.stderr and a.stdout == b.stdout,
+          f"rc {a.returncode}/{b.returncode}, notes {notes}: {b.stderr.decode()[-300:]}")
+    os.remove(dst)
+
+
 def test_errors():
     with open(gguf("qwen35-dense", "q8_0"), "rb") as f:
         good = f.read()
@@ -466,7 +483,7 @@ def main():
         print("0 passed, 1 failed")
         return 1
     groups = [test_c_programs, test_tokenizer, test_errors, test_cli, test_sampling, test_logits, test_greedy, test_converted,
-              test_fused_experts]
+              test_fused_experts, test_larger_than_ram]
     if not QUICK:
         groups += [test_mtp_identity, test_suites]
     for g in groups:
