@@ -1007,11 +1007,12 @@ static void matmul_worker(void *ctx, int ith, int nth) {
  * batch writes its window into slot (slot+j+1), and keeping a prefix is
  * choosing a slot.  The recurrent states are large (18 MB per copy for the
  * 0.8B model), and writing one copy per token made a 3-token verify 10%
- * dearer; so a speculative batch writes no recurrent state at all (each head
- * evolves in a thread's scratch), it records each token's DeltaNet inputs
- * instead, and keeping a prefix replays those tokens on the committed state
- * in place: one read and one write of the state, the price of a decode
- * step's, with the same arithmetic as plain decoding, bit for bit. */
+ * dearer.  A speculative batch's first token is always kept (it is the last
+ * accepted one), so it updates the state in place as a decode step does;
+ * the later tokens evolve each head in a thread's scratch, and their
+ * DeltaNet inputs are recorded.  Keeping j > 1 tokens replays tokens 1..j-1
+ * on the state in place: with the same arithmetic as plain decoding, bit
+ * for bit, and with no state traffic at all when only the first is kept. */
 
 #define UBATCH 32               /* tokens per forward call in prefill */
 
@@ -1024,8 +1025,8 @@ typedef struct {
     float *v_cache[MAX_LAYERS]; /* same shape */
     float *conv[MAX_LAYERS];    /* recurrent layers: [n_slots][conv_kernel-1][conv_dim] */
     float *ssm[MAX_LAYERS];     /* recurrent layers: [n_v_heads][k_head_dim][v_head_dim], committed */
-    float *spec_rows[MAX_LAYERS]; /* recurrent layers: [n_slots-1][spec_row_floats] a speculative
-                                   * batch's DeltaNet inputs per token: q k v after conv and norms, decay, beta */
+    float *spec_rows[MAX_LAYERS]; /* recurrent layers: [n_slots-1][spec_row_floats] the DeltaNet inputs of
+                                   * a speculative batch's tokens after the first: q k v after conv and norms, decay, beta */
     float *mtp_k, *mtp_v;       /* the MTP block's own cache: [n_ctx][n_kv_head*head_dim] */
     int mtp_n;                  /* teacher-forced MTP cache entries: positions 0..mtp_n-1 */
 } State;
@@ -1293,7 +1294,7 @@ typedef struct {
     const Config *c;
     float *ssm;                 /* [n_v_heads][k_head_dim][v_head_dim] the committed state */
     float *tmp;                 /* NULL: the rows update ssm in place; else [nth][k_head_dim*v_head_dim]
-                                 * where a speculative batch's heads evolve, ssm untouched */
+                                 * where a speculative batch's heads evolve after its first row */
     int n;
     const float *qkv;           /* [n] rows qkv_stride apart: q, k, v after conv, SiLU and the q/k L2 norms */
     const float *decay, *beta;  /* [n] rows gate_stride apart: [n_v_heads] */
@@ -1310,13 +1311,13 @@ static void delta_heads(const DeltaJob *j, int ith, int nth) {
     pool_share(c->n_v_heads, ith, nth, 1, &lo, &hi);
     for (int h = (int)lo; h < hi; h++) {
         int kh = c->v_tiled ? h % c->n_k_heads : h / group;
-        float *S = j->ssm + h * head_floats, *S_out = j->tmp ? j->tmp + ith * head_floats : S;
+        float *S = j->ssm + h * head_floats, *scratch = j->tmp ? j->tmp + ith * head_floats : S;
         for (int r = 0; r < j->n; r++) {
             const float *row = j->qkv + r * j->qkv_stride;
             const float *q = row + kh * dk, *k = row + c->n_k_heads * dk + kh * dk;
             const float *v = row + 2 * c->n_k_heads * dk + h * dv;
-            kn_delta_step(r ? S_out : S, S_out, q, k, v, j->decay[r * j->gate_stride + h], j->beta[r * j->gate_stride + h],
-                          j->out + (int64_t)r * c->n_v_heads * dv + h * dv, dk, dv);
+            kn_delta_step(r > 1 ? scratch : S, r > 0 ? scratch : S, q, k, v, j->decay[r * j->gate_stride + h],
+                          j->beta[r * j->gate_stride + h], j->out + (int64_t)r * c->n_v_heads * dv + h * dv, dk, dv);
         }
     }
 }
@@ -1393,9 +1394,9 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
         }
     }
     deltanet_gates(e, L, n);
-    if (spec)
-        for (int r = 0; r < n; r++) {
-            float *keep = e->st.spec_rows[layer] + r * spec_row_floats(c);
+    if (spec)           /* the tokens after the first, which a commit may replay */
+        for (int r = 1; r < n; r++) {
+            float *keep = e->st.spec_rows[layer] + (r - 1) * spec_row_floats(c);
             memcpy(keep, s->proj + (int64_t)r * c->conv_dim, c->conv_dim * sizeof(float));
             memcpy(keep + c->conv_dim, s->decay + r * nv, nv * sizeof(float));
             memcpy(keep + c->conv_dim + nv, s->beta + r * nv, nv * sizeof(float));
@@ -1535,7 +1536,7 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
     if (!spec) st->n_past += n;
 }
 
-typedef struct { Engine *e; int n_keep; } CommitJob;
+typedef struct { Engine *e; int n_replay; } CommitJob;
 
 /* Every recurrent layer's replay in one pool job: one synchronisation per
  * commit, not one per layer.  Each thread's outputs land in its own rows of
@@ -1548,18 +1549,18 @@ static void commit_worker(void *ctx, int ith, int nth) {
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
         const float *rows = st->spec_rows[l];
-        DeltaJob job = {c, st->ssm[l], NULL, cj->n_keep, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads,
+        DeltaJob job = {c, st->ssm[l], NULL, cj->n_replay, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads,
                         row, row, cj->e->s.mix};
         delta_heads(&job, ith, nth);
     }
 }
 
-/* Keep the first n_keep tokens of the speculative batch forward() just ran:
- * their conv windows are in slots already; their recurrent updates are
- * replayed on the committed state from the recorded inputs. */
+/* Keep the first n_keep >= 1 tokens of the speculative batch forward() just
+ * ran: their conv windows are in slots already, the first token's recurrent
+ * update is in the state, the others' are replayed from the recorded inputs. */
 static void state_commit(Engine *e, int n_keep) {
-    CommitJob job = {e, n_keep};
-    pool_run(&e->pool, commit_worker, &job);
+    CommitJob job = {e, n_keep - 1};
+    if (job.n_replay > 0) pool_run(&e->pool, commit_worker, &job);
     e->st.n_past += n_keep;
     e->st.slot = (e->st.slot + n_keep) % e->st.n_slots;
 }
