@@ -514,7 +514,6 @@ static Mat load_mat(const Model *m, const char *name, int64_t n_in, int64_t n_ou
     return load_mat3(m, name, n_in, n_out, 1);
 }
 
-/* A 1-D f32 vector; other float types are converted once into owned memory. */
 /* n floats the model frees with itself */
 static float *owned_floats(Model *m, int64_t n) {
     float *v = xmalloc((size_t)n * sizeof *v);
@@ -524,6 +523,7 @@ static float *owned_floats(Model *m, int64_t n) {
     return v;
 }
 
+/* A 1-D f32 vector; other float types are converted once into owned memory. */
 static const float *load_vec(Model *m, const char *name, int64_t n) {
     const GgufTensor *t = need_tensor(m, name);
     if (t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] != n)
@@ -1044,7 +1044,7 @@ static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
         if (c->recurrent[l]) {
             s->conv[l] = xcalloc(n_slots * conv_slot_floats(c), sizeof(float));
             s->ssm[l] = xcalloc(ssm_floats(c), sizeof(float));
-            s->spec_rows[l] = xcalloc(n_slots * spec_row_floats(c), sizeof(float));
+            s->spec_rows[l] = xcalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
         } else {
             s->k_cache[l] = xcalloc(kv, sizeof(float));
             s->v_cache[l] = xcalloc(kv, sizeof(float));
@@ -1303,7 +1303,8 @@ typedef struct {
 } DeltaJob;
 
 /* The job's rows on thread ith's share of the value heads. */
-static void delta_heads(const DeltaJob *j, int ith, int nth) {
+static void delta_worker(void *ctx, int ith, int nth) {
+    const DeltaJob *j = ctx;
     const Config *c = j->c;
     int dk = c->k_head_dim, dv = c->v_head_dim, group = c->n_v_heads / c->n_k_heads;
     size_t head_floats = (size_t)dk * dv;
@@ -1321,8 +1322,6 @@ static void delta_heads(const DeltaJob *j, int ith, int nth) {
         }
     }
 }
-
-static void delta_worker(void *ctx, int ith, int nth) { delta_heads(ctx, ith, nth); }
 
 static void l2norm_scaled(float *v, int n, float scale) {
     float ss = kn_dot(v, v, n);
@@ -1539,8 +1538,7 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
 typedef struct { Engine *e; int n_replay; } CommitJob;
 
 /* Every recurrent layer's replay in one pool job: one synchronisation per
- * commit, not one per layer.  Each thread's outputs land in its own rows of
- * scratch, unused. */
+ * commit, not one per layer.  The outputs land in scratch, unused. */
 static void commit_worker(void *ctx, int ith, int nth) {
     const CommitJob *cj = ctx;
     const Config *c = &cj->e->model->cfg;
@@ -1551,7 +1549,7 @@ static void commit_worker(void *ctx, int ith, int nth) {
         const float *rows = st->spec_rows[l];
         DeltaJob job = {c, st->ssm[l], NULL, cj->n_replay, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads,
                         row, row, cj->e->s.mix};
-        delta_heads(&job, ith, nth);
+        delta_worker(&job, ith, nth);
     }
 }
 
@@ -4051,7 +4049,7 @@ static void state_grow_slots(State *st, const Config *c, int n_slots) {
         free(st->conv[l]);
         free(st->spec_rows[l]);
         st->conv[l] = conv;
-        st->spec_rows[l] = xcalloc(n_slots * spec_row_floats(c), sizeof(float));
+        st->spec_rows[l] = xcalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
     }
     st->n_slots = n_slots;
     st->slot = 0;

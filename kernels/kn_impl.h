@@ -243,6 +243,14 @@ static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_
     }
 }
 
+/* ==== Attention ====
+ * The SIMD kernels sweep the value rows in blocks of this many keys, the
+ * accumulators passing through out between blocks.  128 keys (128 KB of
+ * value rows at hd = 256) stay in L2 across the chunks of the head: at 4099
+ * keys 5-20% faster than one sweep over all keys, where 32 or 64 keys lost
+ * up to 20% with 4 KB row strides. */
+#define KN_ATTN_KEYS 128
+
 /* ==== Portable kernels, always compiled (scalar.c) ====
  * The SIMD files fall back to these for anything they do not accelerate. */
 
@@ -272,11 +280,7 @@ int64_t kn_avx2_argmax(const float *v, int64_t n);
 void  kn_avx2_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                          float decay, float beta, float *out, int dk, int dv);
 /* kn_attn_heads walks keys in blocks of KN_ATTN_KEYS and asks, per query
- * and block, for two steps that an instruction set provides.  Blocks of 128
- * keys (128 KB of value rows at hd = 256) stay in L2 across the chunks of
- * the head: at 4099 keys 5-20% faster than one sweep over all keys, where 32
- * or 64 keys lost up to 20% with 4 KB row strides. */
-#define KN_ATTN_KEYS 128
+ * and block, for two steps that an instruction set provides. */
 typedef struct {
     /* sc[t] = scale * q . k_t for t in [t0, t1) (t0 a multiple of 8, keys past
      * n_keys never read); returns the max of those scores */
