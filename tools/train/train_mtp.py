@@ -85,8 +85,8 @@ class MTPHead(torch.nn.Module):
         self.norm = mq.Qwen3_5RMSNorm(H, eps=config.rms_norm_eps)
 
 
-def make_config(vocab, eos, pad):
-    kw = dict(MODEL)
+def make_config(vocab, eos, pad, overrides=None):
+    kw = dict(MODEL, **(overrides or {}))
     n = kw["num_hidden_layers"]
     lt = ["linear_attention" if (i + 1) % FULL_ATTENTION_INTERVAL else "full_attention" for i in range(n)]
     rope = {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--mtp-lambda", type=float, default=0.5)
     ap.add_argument("--ckpt-every", type=float, default=180)
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--model", type=json.loads, default={},
+                    help='JSON object overriding entries of MODEL, e.g. \'{"hidden_size": 384}\' (give it again on resume and export)')
     ap.add_argument("--pilot", type=float, default=0, help="run this many seconds from scratch, report tok/s, save nothing")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--export", action="store_true", help="write OUT/hf from OUT/ckpt.pt and evaluate")
@@ -221,7 +223,7 @@ def main():
     tokdir = os.path.join(a.data, "tok")
     tok = AutoTokenizer.from_pretrained(tokdir)
     vocab = (len(tok) + 63) // 64 * 64
-    cfg, lt = make_config(vocab, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"))
+    cfg, lt = make_config(vocab, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>"), a.model)
     model, mtp = build(cfg, lt)
     params = [p for p in list(model.parameters()) + list(mtp.parameters())]
     nparam = sum(p.numel() for p in {id(p): p for p in params}.values())
