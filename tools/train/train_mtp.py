@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from transformers import Qwen3_5TextConfig, Qwen3_5ForCausalLM
 from transformers.models.qwen3_5 import modeling_qwen3_5 as mq
 
-MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=4,
+MODEL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=64, linear_num_key_heads=8, linear_num_value_heads=8,
              linear_key_head_dim=64, linear_value_head_dim=64, linear_conv_kernel_dim=4,
              rms_norm_eps=1e-6)
 FULL_ATTENTION_INTERVAL = 4
@@ -214,7 +214,8 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--export", action="store_true", help="write OUT/hf from OUT/ckpt.pt and evaluate")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 measured 2-3x faster than 2 on the shared, loaded 2-core machine")
+                    help="torch threads; on the 2-core build machine 2 ran 1.5x faster than 1 when it was otherwise idle, "
+                         "and 2-3x slower when other work loaded it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.check:
