@@ -4062,12 +4062,12 @@ static void state_grow_slots(State *st, const Config *c, int n_slots) {
     size_t cs = conv_slot_floats(c);
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
-        float *conv = xcalloc(n_slots * cs, sizeof(float));
+        float *conv = acalloc(n_slots * cs, sizeof(float));
         memcpy(conv, st->conv[l] + st->slot * cs, cs * sizeof(float));
-        free(st->conv[l]);
-        free(st->spec_rows[l]);
+        afree(st->conv[l]);
+        afree(st->spec_rows[l]);
         st->conv[l] = conv;
-        st->spec_rows[l] = xcalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
+        st->spec_rows[l] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
     }
     st->n_slots = n_slots;
     st->slot = 0;
