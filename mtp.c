@@ -1054,6 +1054,13 @@ static size_t conv_slot_floats(const Config *c) { return (size_t)(c->conv_kernel
 static size_t ssm_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_head_dim * c->v_head_dim; }
 static size_t spec_row_floats(const Config *c) { return (size_t)c->conv_dim + 2 * (size_t)c->n_v_heads; }
 
+/* A recurrent layer's buffers sized by the slot count, zeroed: its conv-window
+ * ring and the rows a speculative batch records (state_init, state_grow_slots). */
+static void alloc_slot_buffers(State *s, const Config *c, int layer, int n_slots) {
+    s->conv[layer] = acalloc(n_slots * conv_slot_floats(c), sizeof(float));
+    s->spec_rows[layer] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
+}
+
 static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
     memset(s, 0, sizeof *s);
     s->n_ctx = n_ctx;
@@ -1061,9 +1068,8 @@ static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
     size_t kv = (size_t)n_ctx * c->n_kv_head * c->head_dim;
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
-            s->conv[l] = acalloc(n_slots * conv_slot_floats(c), sizeof(float));
+            alloc_slot_buffers(s, c, l, n_slots);
             s->ssm[l] = acalloc(ssm_floats(c), sizeof(float));
-            s->spec_rows[l] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
         } else {
             s->k_cache[l] = acalloc(kv, sizeof(float));
             s->v_cache[l] = acalloc(kv, sizeof(float));
@@ -4063,12 +4069,11 @@ static void state_grow_slots(State *st, const Config *c, int n_slots) {
     size_t cs = conv_slot_floats(c);
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
-        float *conv = acalloc(n_slots * cs, sizeof(float));
-        memcpy(conv, st->conv[l] + st->slot * cs, cs * sizeof(float));
-        afree(st->conv[l]);
+        float *old = st->conv[l];
         afree(st->spec_rows[l]);
-        st->conv[l] = conv;
-        st->spec_rows[l] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
+        alloc_slot_buffers(st, c, l, n_slots);
+        memcpy(st->conv[l], old + st->slot * cs, cs * sizeof(float));
+        afree(old);
     }
     st->n_slots = n_slots;
     st->slot = 0;

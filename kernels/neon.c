@@ -460,7 +460,6 @@ static inline void scores8(const float *q, const float *k, int64_t kv_stride, in
     vst1q_f32(s + 4, vaddq_f32(vpaddq_f32(vpaddq_f32(acc[4], acc[5]), vpaddq_f32(acc[6], acc[7])), vld1q_f32(tail + 4)));
 }
 
-
 /* out[0, 4 NV) += sum_t p[t] v_t over the same range (first: out starts
  * from 0), NV accumulators carried down the keys. */
 KN_INLINE void attn_out(const float *p, const float *v, int64_t kv_stride, int n_keys, int first, float *out, int NV)
