@@ -2733,7 +2733,8 @@ typedef struct {
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
     int probing;                /* this step's draft is a probe */
-    int since_plain;            /* drafting steps since the last plain one (which re-measures a plain step's cost) */
+    int since_explore;          /* drafting steps since a neighbour of the best k last ran */
+    int explore_up;             /* the next exploration tries k + 1 (else k - 1) */
     int drafted;                /* the last step drafted, so the head's pending rows are only its accepted tokens */
     const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
     int ignore_eos;
@@ -2867,8 +2868,16 @@ static double k_value(const Gen *g, int k) {
     return expect / (k * g->t_draft + tv);
 }
 
-/* Adaptive depth: the k that maximises expected tokens per unit time, with
- * an occasional one-draft probe so that k = 0 can recover. */
+/* Adaptive depth: the k that maximises expected tokens per unit time.
+ * Every EXPLORE_GAP drafting steps a neighbour of it runs instead, k + 1
+ * and k - 1 in turn, so that the times and rates behind the choice stay
+ * measured: a depth whose one verify happened to be slow (this machine is
+ * shared) was otherwise never run again to correct it, and a plain step's
+ * time, measured once with cold caches, made drafting look cheap for good.
+ * With nothing worth drafting, a one-draft probe now and then lets k = 0
+ * recover. */
+#define EXPLORE_GAP 8
+
 static int choose_k(Gen *g) {
     if (!g->spec.adaptive) return g->spec.n_draft;
     if (g->t_verify[1] <= 0 || g->t_draft <= 0) return g->t_verify[1] <= 0 ? 0 : 1;
@@ -2876,10 +2885,11 @@ static int choose_k(Gen *g) {
     for (int k = 1; k <= g->spec.n_draft; k++)
         if (k_value(g, k) > k_value(g, best)) best = k;
     if (!g->probe_gap) g->probe_gap = 16;
-    /* a plain step now and then keeps its measured cost current: the first
-     * one, with cold caches, would otherwise make drafting look cheap forever */
-    if (best > 0 && ++g->since_plain >= 16) best = 0;
-    if (best == 0) g->since_plain = 0;
+    if (best > 0 && ++g->since_explore >= EXPLORE_GAP) {
+        g->since_explore = 0;
+        g->explore_up = !g->explore_up;
+        return g->explore_up && best < g->spec.n_draft ? best + 1 : best - 1;
+    }
     if (best == 0 && ++g->probe >= g->probe_gap) {
         g->probe = 0;
         g->probing = 1;
