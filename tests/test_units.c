@@ -119,16 +119,24 @@ static void engine_close(Engine *e) {
     pool_free(&e->pool);
 }
 
+/* The first n_past positions of each head of a KV cache ([n_kv_head][n_ctx][head_dim]). */
+static int caches_equal(const float *a, const float *b, const Config *c, int n_ctx, int n_past) {
+    for (int h = 0; h < c->n_kv_head; h++)
+        if (memcmp(a + (size_t)h * n_ctx * c->head_dim, b + (size_t)h * n_ctx * c->head_dim, (size_t)n_past * c->head_dim * sizeof(float)))
+            return 0;
+    return 1;
+}
+
 static int states_equal(const Engine *a, const Engine *b) {
     const Config *c = &a->model->cfg;
-    if (a->st.n_past != b->st.n_past) return 0;
-    size_t kv = (size_t)a->st.n_past * c->n_kv_head * c->head_dim * sizeof(float);
+    if (a->st.n_past != b->st.n_past || a->st.n_ctx != b->st.n_ctx) return 0;
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
             if (memcmp(a->st.ssm[l], b->st.ssm[l], ssm_floats(c) * sizeof(float)) ||
                 memcmp(a->st.conv[l] + a->st.slot * conv_slot_floats(c), b->st.conv[l] + b->st.slot * conv_slot_floats(c), conv_slot_floats(c) * sizeof(float)))
                 return 0;
-        } else if (memcmp(a->st.k_cache[l], b->st.k_cache[l], kv) || memcmp(a->st.v_cache[l], b->st.v_cache[l], kv)) {
+        } else if (!caches_equal(a->st.k_cache[l], b->st.k_cache[l], c, a->st.n_ctx, a->st.n_past) ||
+                   !caches_equal(a->st.v_cache[l], b->st.v_cache[l], c, a->st.n_ctx, a->st.n_past)) {
             return 0;
         }
     }
