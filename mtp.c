@@ -964,9 +964,12 @@ static void pool_share(int64_t n, int ith, int nth, int64_t align, int64_t *lo, 
  * once per input (quantised to the kernel's 8-bit blocks), then each thread
  * takes a slice of output rows and, for each small tile of weight rows, runs
  * every group of KN_MAX_ROWS activation rows: the tile stays in cache, so a
- * batch of tokens reads the weights from memory once.  Products that share
- * an input (q/k/v, gate/up, the DeltaNet projections) go out as one job, so
- * a step waits on the pool half as often. */
+ * batch of tokens reads the weights from memory once.  Products that share an input (q/k/v,
+ * gate/up, the DeltaNet projections) go out as one job, so a step waits on
+ * the pool half as often; a SwiGLU's gate and up run tile by tile side by
+ * side, and the thread that made a tile of both applies the activation to
+ * it, so that work is shared out too instead of running on one thread
+ * between jobs. */
 
 #define MATMUL_TILE 16
 #define MAX_PRODUCTS 4
@@ -980,6 +983,7 @@ typedef struct {
     int64_t first_tile[MAX_PRODUCTS + 1]; /* product i owns tiles [first_tile[i], first_tile[i+1]) */
     int count, n;
     const float *x;             /* [n][n_in] the f32 input, for the reference kernel */
+    int glu;                    /* products 0 and 1 are a SwiGLU's gate and up: silu(gate) * up into gate's y */
 } MatmulJob;
 
 /* --ref-kernels: every product through the scalar reference (f32 activations,
@@ -1001,10 +1005,7 @@ static void matmul_tile(const MatmulJob *j, int p, int64_t i0, int64_t i1) {
     }
 }
 
-static void matmul_worker(void *ctx, int ith, int nth) {
-    const MatmulJob *j = ctx;
-    int64_t lo, hi;
-    pool_share(j->first_tile[j->count], ith, nth, 1, &lo, &hi);
+static void tiles_run(const MatmulJob *j, int64_t lo, int64_t hi) {
     for (int p = 0; p < j->count; p++) {
         int64_t t0 = lo > j->first_tile[p] ? lo : j->first_tile[p], t1 = hi < j->first_tile[p + 1] ? hi : j->first_tile[p + 1];
         int64_t n_out = j->prod[p].w->n_out;
@@ -1013,6 +1014,30 @@ static void matmul_worker(void *ctx, int ith, int nth) {
             matmul_tile(j, p, i0, i1);
         }
     }
+}
+
+/* Tiles [lo, hi) of a SwiGLU's gate and up, then the activation over them:
+ * each output is computed the same way whatever the batch (a whole tile,
+ * or the tile's tail), so a verify still reproduces single steps. */
+static void glu_tiles_run(const MatmulJob *j, int64_t lo, int64_t hi) {
+    int64_t n_out = j->prod[0].w->n_out;
+    for (int64_t t = lo; t < hi; t++) {
+        int64_t i0 = t * MATMUL_TILE, i1 = i0 + MATMUL_TILE < n_out ? i0 + MATMUL_TILE : n_out;
+        matmul_tile(j, 0, i0, i1);
+        matmul_tile(j, 1, i0, i1);
+        for (int r = 0; r < j->n; r++) {
+            float *g = j->prod[0].y + (int64_t)r * n_out + i0;
+            kn_swiglu(g, g, j->prod[1].y + (int64_t)r * n_out + i0, i1 - i0);
+        }
+    }
+}
+
+static void matmul_worker(void *ctx, int ith, int nth) {
+    const MatmulJob *j = ctx;
+    int64_t lo, hi;
+    pool_share(j->first_tile[j->glu ? 1 : j->count], ith, nth, 1, &lo, &hi);
+    if (j->glu) glu_tiles_run(j, lo, hi);
+    else tiles_run(j, lo, hi);
 }
 
 /* ==== State ====
@@ -1184,10 +1209,11 @@ static void scratch_free(Scratch *s) {
     afree(s->act);
 }
 
-/* y_i[n][w_i->n_out] = W_i x[n][n_in] for count products of the same input.
- * The input is prepared once per weight format the products use. */
-static void matmul_set(Engine *e, const float *x, int n, const Product *prod, int count) {
-    MatmulJob job = {.count = count, .n = n, .x = x};
+/* y_i[n][w_i->n_out] = W_i x[n][n_in] for count products of the same input
+ * (with glu, then y_0 = silu(y_0) * y_1).  The input is prepared once per
+ * weight format the products use. */
+static void matmul_job(Engine *e, const float *x, int n, const Product *prod, int count, int glu) {
+    MatmulJob job = {.count = count, .n = n, .x = x, .glu = glu};
     const uint8_t *next = e->s.act;
     for (int p = 0; p < count; p++) {
         const Mat *w = prod[p].w;
@@ -1206,6 +1232,8 @@ static void matmul_set(Engine *e, const float *x, int n, const Product *prod, in
     }
     pool_run(&e->pool, matmul_worker, &job);
 }
+
+static void matmul_set(Engine *e, const float *x, int n, const Product *prod, int count) { matmul_job(e, x, n, prod, count, 0); }
 
 /* y[n][w->n_out] = W x[n][w->n_in] */
 static void matmul(Engine *e, const Mat *w, const float *x, int n, float *y) {
@@ -1327,10 +1355,13 @@ typedef struct {
     const float *qkv;           /* [n] rows qkv_stride apart: q, k, v after conv, SiLU and the q/k L2 norms */
     const float *decay, *beta;  /* [n] rows gate_stride apart: [n_v_heads] */
     int64_t qkv_stride, gate_stride;
+    const float *z;             /* [n][n_v_heads*v_head_dim] output gate; NULL: a commit's replay, output unused */
+    const float *norm;          /* [v_head_dim] the gated RMSNorm's weight */
     float *out;                 /* [n][n_v_heads*v_head_dim] */
 } DeltaJob;
 
-/* The job's rows on thread ith's share of the value heads. */
+/* The job's rows on thread ith's share of the value heads, each head's
+ * output then through the gated RMSNorm, norm(o) * w * silu(z). */
 static void delta_worker(void *ctx, int ith, int nth) {
     const DeltaJob *j = ctx;
     const Config *c = j->c;
@@ -1345,8 +1376,12 @@ static void delta_worker(void *ctx, int ith, int nth) {
             const float *row = j->qkv + r * j->qkv_stride;
             const float *q = row + kh * dk, *k = row + c->n_k_heads * dk + kh * dk;
             const float *v = row + 2 * c->n_k_heads * dk + h * dv;
+            float *o = j->out + (int64_t)r * c->n_v_heads * dv + h * dv;
             kn_delta_step(r > 1 ? scratch : S, r > 0 ? scratch : S, q, k, v, j->decay[r * j->gate_stride + h],
-                          j->beta[r * j->gate_stride + h], j->out + (int64_t)r * c->n_v_heads * dv + h * dv, dk, dv);
+                          j->beta[r * j->gate_stride + h], o, dk, dv);
+            if (!j->z) continue;
+            kn_rmsnorm(o, o, j->norm, dv, c->eps);
+            kn_swiglu(o, j->z + (int64_t)r * c->n_v_heads * dv + h * dv, o, dv);
         }
     }
 }
@@ -1402,7 +1437,7 @@ static void deltanet_gates(Engine *e, const Layer *L, int n) {
 static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
-    int nv = c->n_v_heads, dk = c->k_head_dim, dv = c->v_head_dim;
+    int nv = c->n_v_heads, dk = c->k_head_dim;
     if (c->arch == ARCH_QWEN3NEXT) {
         matmul_set(e, s->xn, n, (Product[]){{&L->qkv, s->proj}, {&L->z, s->gate}, {&L->ba, s->ab}}, 3);
     } else {    /* alpha then beta into one [n][2*nv] block */
@@ -1428,16 +1463,8 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
             memcpy(keep + c->conv_dim, s->decay + r * nv, nv * sizeof(float));
             memcpy(keep + c->conv_dim + nv, s->beta + r * nv, nv * sizeof(float));
         }
-    DeltaJob job = {c, e->st.ssm[layer], spec ? s->delta_tmp : NULL, n, s->proj, s->decay, s->beta, c->conv_dim, nv, s->mix};
+    DeltaJob job = {c, e->st.ssm[layer], spec ? s->delta_tmp : NULL, n, s->proj, s->decay, s->beta, c->conv_dim, nv, s->gate, L->ssm_norm, s->mix};
     pool_run(&e->pool, delta_worker, &job);
-    /* gated RMSNorm per value head: norm(o) * w * silu(z) */
-    for (int r = 0; r < n; r++)
-        for (int h = 0; h < nv; h++) {
-            float *o = s->mix + (int64_t)r * nv * dv + h * dv;
-            const float *z = s->gate + (int64_t)r * nv * dv + h * dv;
-            kn_rmsnorm(o, o, L->ssm_norm, dv, c->eps);
-            kn_swiglu(o, z, o, dv);
-        }
     matmul(e, &L->ssm_out, s->mix, n, s->out);
     add_rows(s->x, s->out, (int64_t)n * c->dim);
 }
@@ -1447,8 +1474,7 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
 /* out[n][dim] = down(silu(gate xn) * up xn) */
 static void swiglu_ffn(Engine *e, const Mat *gate, const Mat *up, const Mat *down, const float *xin, int n, float *out) {
     Scratch *s = &e->s;
-    matmul_set(e, xin, n, (Product[]){{gate, s->ffn_a}, {up, s->ffn_b}}, 2);
-    kn_swiglu(s->ffn_a, s->ffn_a, s->ffn_b, (int64_t)n * gate->n_out);
+    matmul_job(e, xin, n, (Product[]){{gate, s->ffn_a}, {up, s->ffn_b}}, 2, 1);
     matmul(e, down, s->ffn_a, n, out);
 }
 
@@ -1576,7 +1602,7 @@ static void commit_worker(void *ctx, int ith, int nth) {
         if (!c->recurrent[l]) continue;
         const float *rows = st->spec_rows[l];
         DeltaJob job = {c, st->ssm[l], NULL, cj->n_replay, rows, rows + c->conv_dim, rows + c->conv_dim + c->n_v_heads,
-                        row, row, cj->e->s.mix};
+                        row, row, NULL, NULL, cj->e->s.mix};
         delta_worker(&job, ith, nth);
     }
 }
