@@ -2814,12 +2814,13 @@ static void mtp_push(Gen *g, const float *h, int32_t next) {
 
 /* Feed all but the last `leave` pending rows to the head; with want_logits
  * the last fed row's draft logits are left in s.logits, and with
- * mtp_logits_out every row's go there. */
-static void mtp_catch_up(Gen *g, int want_logits, int leave) {
+ * mtp_logits_out every row's go there.  Returns the rows of the last
+ * mtp_forward call (its outputs are in s.hidden). */
+static int mtp_catch_up(Gen *g, int want_logits, int leave) {
     Engine *e = g->e;
-    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0, todo = g->n_pend - leave;
+    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0, todo = g->n_pend - leave, n = 0;
     while (done < todo) {
-        int n = todo - done < UBATCH ? todo - done : UBATCH;
+        n = todo - done < UBATCH ? todo - done : UBATCH;
         int last = done + n == todo;
         int logits = g->mtp_logits_out ? LOGITS_ALL : last && want_logits ? LOGITS_LAST : LOGITS_NONE;
         mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, logits,
@@ -2834,6 +2835,7 @@ static void mtp_catch_up(Gen *g, int want_logits, int leave) {
     memmove(g->pend_h, g->pend_h + (int64_t)done * D, (size_t)leave * D * sizeof(float));
     memmove(g->pend_t, g->pend_t + done, (size_t)leave * sizeof *g->pend_t);
     g->n_pend = leave;
+    return n;
 }
 
 /* Append tokens to the sequence and run every not-yet-processed one through
@@ -2872,10 +2874,17 @@ static float top_prob(const float *lg, int n) {
 static int draft(Gen *g, int k) {
     Engine *e = g->e;
     int32_t *drafts = g->toks + g->n_toks;
-    mtp_catch_up(g, 1, 0);
+    int rows = mtp_catch_up(g, 1, 0);
+    /* a chained draft starts from the head's output at the position before
+     * it: the last row of the catch-up (the accepted tokens of the last
+     * step), then each chained draft's own single row */
+    const float *h = e->s.hidden + (int64_t)(rows > 0 ? rows - 1 : 0) * e->model->cfg.dim;
     int n = 0;
     for (; n < k; n++) {
-        if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
+        if (n > 0) {
+            mtp_forward(e, h, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
+            h = e->s.hidden;
+        }
         if (g->spec.p_min > 0 && top_prob(e->s.logits, g->spec.draft_vocab) < g->spec.p_min) break;
         sampler_dist(g->smp, e->s.logits, g->spec.draft_vocab, g->toks, g->n_toks + n, &g->q[n]);
         drafts[n] = dist_sample(&g->q[n], &g->smp->cfg.rng);

@@ -211,6 +211,56 @@ static int cmd_rollback(const char *path) {
     return finish();
 }
 
+/* ==== chain ====
+ * A chained draft starts from the head's output at the position before it.
+ * After a step the head catches up on several accepted rows in one batch;
+ * the chain must continue from that batch's last row.  The same drafts,
+ * with the catch-up fed one row per call, are the oracle: per-row results
+ * do not depend on the batch, so the two must agree bit for bit. */
+
+static int cmd_chain(const char *path) {
+    Model m;
+    model_open(&m, path);
+    load_config(&m);
+    load_weights(&m);
+    const int K = 3, n_prompt = 12, n_ctx = 64;
+    uint8_t *eog = xcalloc(m.cfg.n_vocab, 1);
+    SamplerCfg greedy = {.temp = 0, .top_p = 1, .rep_penalty = 1, .rng = 1};
+    SpecCfg spec = {.n_draft = K, .draft_vocab = m.cfg.n_vocab};
+    Engine e[2];
+    Sampler smp[2];
+    Gen g[2];
+    int32_t prompt[12], drafts[2][3];
+    for (int i = 0; i < n_prompt; i++) prompt[i] = (i * 97 + 13) % m.cfg.n_vocab;
+    float *logits[2];
+    int n_drafts[2];
+    for (int v = 0; v < 2; v++) {
+        engine_open(&e[v], &m, n_ctx, 1);
+        sampler_init(&smp[v], &greedy, m.cfg.n_vocab);
+        gen_init(&g[v], &e[v], &smp[v], &spec, 1, eog);
+        gen_feed(&g[v], prompt, n_prompt, NULL);
+        int32_t next = (int32_t)kn_argmax(e[v].s.logits, m.cfg.n_vocab);
+        mtp_push(&g[v], g[v].h_last, next);
+        g[v].toks[g[v].n_toks++] = next;
+        if (v == 1)         /* the oracle: every pending row but the last, one per call */
+            while (g[v].n_pend > 1) mtp_catch_up(&g[v], 0, g[v].n_pend - 1);
+        n_drafts[v] = draft(&g[v], K);
+        memcpy(drafts[v], g[v].toks + g[v].n_toks, sizeof drafts[v]);
+        logits[v] = e[v].s.logits;
+    }
+    check(n_drafts[0] == K && n_drafts[1] == K, "both drafted %d tokens (%d, %d)", K, n_drafts[0], n_drafts[1]);
+    check(!memcmp(drafts[0], drafts[1], sizeof drafts[0]) && !memcmp(logits[0], logits[1], m.cfg.n_vocab * sizeof(float)),
+          "chained drafts after a %d-row catch-up equal those after one row at a time, logits bit for bit", n_prompt);
+    for (int v = 0; v < 2; v++) {
+        gen_free(&g[v]);
+        sampler_free(&smp[v]);
+        engine_close(&e[v]);
+    }
+    free(eog);
+    model_free(&m);
+    return finish();
+}
+
 /* ==== roundtrip ==== */
 
 static int cmd_roundtrip(const char *vocab_path, const char *cases_path) {
@@ -249,7 +299,8 @@ static int cmd_roundtrip(const char *vocab_path, const char *cases_path) {
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "spec-stats")) return cmd_spec_stats();
     if (argc >= 3 && !strcmp(argv[1], "rollback")) return cmd_rollback(argv[2]);
+    if (argc >= 3 && !strcmp(argv[1], "chain")) return cmd_chain(argv[2]);
     if (argc >= 4 && !strcmp(argv[1], "roundtrip")) return cmd_roundtrip(argv[2], argv[3]);
-    fprintf(stderr, "usage: test_units spec-stats | rollback MODEL | roundtrip VOCAB CASES\n");
+    fprintf(stderr, "usage: test_units spec-stats | rollback MODEL | chain MODEL | roundtrip VOCAB CASES\n");
     return 2;
 }
