@@ -1318,18 +1318,19 @@ static void attn_worker(void *ctx, int ith, int nth) {
     }
 }
 
-/* x += attention(xn) for n tokens at pos0.., appending their K/V to the cache. */
-static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache, int n, int pos0) {
+/* Per row of s.k/s.v (and of q: [n][2*q_dim], query then gate per head,
+ * unless NULL): q and k through their norms and RoPE at pos0 + row, k and
+ * v into the cache. */
+static void qkv_place(Engine *e, const Layer *L, float *k_cache, float *v_cache, float *q, int n, int pos0) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
     int hd = c->head_dim, q_dim = c->n_head * hd, kv_dim = c->n_kv_head * hd;
-    matmul_set(e, s->xn, n, (Product[]){{&L->wq, s->proj}, {&L->wk, s->k}, {&L->wv, s->v}}, 3);
     for (int r = 0; r < n; r++) {
         rope_at(s, c->n_rot, pos0 + r);
-        for (int h = 0; h < c->n_head; h++) {
-            float *q = s->proj + (int64_t)r * 2 * q_dim + (int64_t)h * 2 * hd;
-            kn_rmsnorm(q, q, L->q_norm, hd, c->eps);
-            rope(s, q, c->n_rot);
+        for (int h = 0; q && h < c->n_head; h++) {
+            float *qh = q + (int64_t)r * 2 * q_dim + (int64_t)h * 2 * hd;
+            kn_rmsnorm(qh, qh, L->q_norm, hd, c->eps);
+            rope(s, qh, c->n_rot);
         }
         for (int h = 0; h < c->n_kv_head; h++) {
             int64_t at = ((int64_t)h * e->st.n_ctx + pos0 + r) * hd;
@@ -1338,6 +1339,14 @@ static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache,
             memcpy(v_cache + at, s->v + (int64_t)r * kv_dim + h * hd, hd * sizeof *v_cache);
         }
     }
+}
+
+/* x += attention(xn) for n tokens at pos0.., appending their K/V to the cache. */
+static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache, int n, int pos0) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    matmul_set(e, s->xn, n, (Product[]){{&L->wq, s->proj}, {&L->wk, s->k}, {&L->wv, s->v}}, 3);
+    qkv_place(e, L, k_cache, v_cache, s->proj, n, pos0);
     AttnJob job = {c, s->proj, k_cache, v_cache, s->mix, s->att, e->st.n_ctx, n, pos0, KN_ATTN_MAX_Q / (c->n_head / c->n_kv_head)};
     pool_run(&e->pool, attn_worker, &job);
     matmul(e, &L->wo, s->mix, n, s->out);
@@ -1636,8 +1645,12 @@ static void state_commit(Engine *e, int n_keep) {
  * A token outside the subset is simply never drafted; verification keeps the
  * output exact either way. */
 
-/* Rows i < n: hidden h[i] and token toks[i] at position pos0+i.  Leaves the
- * head's normed output in s.hidden and logits over n_vocab tokens as asked in s.logits. */
+/* Rows i < n: hidden h[i] and token toks[i] at position pos0+i.  Only the
+ * rows whose output is asked for run the whole block (all with LOGITS_ALL,
+ * the last with LOGITS_LAST); the others, the teacher-forced rows of a
+ * catch-up, only need their K/V in the head's cache, which saves their
+ * attention and feed-forward.  Leaves the computed rows' normed output in
+ * s.hidden and their logits over n_vocab tokens in s.logits, from row 0. */
 static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, int pos0, int logits, int n_vocab) {
     const Model *m = e->model;
     const Config *c = &m->cfg;
@@ -1651,12 +1664,17 @@ static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, i
         kn_rmsnorm(in + D, h + (int64_t)r * D, head->hnorm, D, c->eps);
     }
     matmul(e, &head->eh_proj, s->mtp_in, n, s->x);
-    block(e, &head->block, -1, 0, e->st.mtp_k, e->st.mtp_v, n, pos0, 0);
-    rmsnorm_rows(s->hidden, s->x, head->head_norm, n, D, c->eps);
-    if (logits == LOGITS_ALL)
-        lm_head(e, s->hidden, n, s->logits, n_vocab);
-    else if (logits == LOGITS_LAST)
-        lm_head(e, s->hidden + (int64_t)(n - 1) * D, 1, s->logits, n_vocab);
+    int n_full = logits == LOGITS_ALL ? n : logits == LOGITS_LAST, n_kv = n - n_full;
+    if (n_kv) {
+        rmsnorm_rows(s->xn, s->x, head->block.attn_norm, n_kv, D, c->eps);
+        matmul_set(e, s->xn, n_kv, (Product[]){{&head->block.wk, s->k}, {&head->block.wv, s->v}}, 2);
+        qkv_place(e, &head->block, e->st.mtp_k, e->st.mtp_v, NULL, n_kv, pos0);
+    }
+    if (!n_full) return;
+    memmove(s->x, s->x + (int64_t)n_kv * D, (size_t)n_full * D * sizeof(float));
+    block(e, &head->block, -1, 0, e->st.mtp_k, e->st.mtp_v, n_full, pos0 + n_kv, 0);
+    rmsnorm_rows(s->hidden, s->x, head->head_norm, n_full, D, c->eps);
+    lm_head(e, s->hidden, n_full, s->logits, n_vocab);
 }
 
 /* ==== Sampler ====
@@ -2813,14 +2831,13 @@ static void mtp_push(Gen *g, const float *h, int32_t next) {
 }
 
 /* Feed all but the last `leave` pending rows to the head; with want_logits
- * the last fed row's draft logits are left in s.logits, and with
- * mtp_logits_out every row's go there.  Returns the rows of the last
- * mtp_forward call (its outputs are in s.hidden). */
-static int mtp_catch_up(Gen *g, int want_logits, int leave) {
+ * the last fed row's draft logits and output are left in s.logits and
+ * s.hidden, and with mtp_logits_out every row's logits go there. */
+static void mtp_catch_up(Gen *g, int want_logits, int leave) {
     Engine *e = g->e;
-    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0, todo = g->n_pend - leave, n = 0;
+    int D = e->model->cfg.dim, V = e->model->cfg.n_vocab, done = 0, todo = g->n_pend - leave;
     while (done < todo) {
-        n = todo - done < UBATCH ? todo - done : UBATCH;
+        int n = todo - done < UBATCH ? todo - done : UBATCH;
         int last = done + n == todo;
         int logits = g->mtp_logits_out ? LOGITS_ALL : last && want_logits ? LOGITS_LAST : LOGITS_NONE;
         mtp_forward(e, g->pend_h + (int64_t)done * D, g->pend_t + done, n, e->st.mtp_n, logits,
@@ -2835,7 +2852,6 @@ static int mtp_catch_up(Gen *g, int want_logits, int leave) {
     memmove(g->pend_h, g->pend_h + (int64_t)done * D, (size_t)leave * D * sizeof(float));
     memmove(g->pend_t, g->pend_t + done, (size_t)leave * sizeof *g->pend_t);
     g->n_pend = leave;
-    return n;
 }
 
 /* Append tokens to the sequence and run every not-yet-processed one through
@@ -2874,17 +2890,12 @@ static float top_prob(const float *lg, int n) {
 static int draft(Gen *g, int k) {
     Engine *e = g->e;
     int32_t *drafts = g->toks + g->n_toks;
-    int rows = mtp_catch_up(g, 1, 0);
     /* a chained draft starts from the head's output at the position before
-     * it: the last row of the catch-up (the accepted tokens of the last
-     * step), then each chained draft's own single row */
-    const float *h = e->s.hidden + (int64_t)(rows > 0 ? rows - 1 : 0) * e->model->cfg.dim;
+     * it, which each call leaves in s.hidden row 0 */
+    mtp_catch_up(g, 1, 0);
     int n = 0;
     for (; n < k; n++) {
-        if (n > 0) {
-            mtp_forward(e, h, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
-            h = e->s.hidden;
-        }
+        if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
         if (g->spec.p_min > 0 && top_prob(e->s.logits, g->spec.draft_vocab) < g->spec.p_min) break;
         sampler_dist(g->smp, e->s.logits, g->spec.draft_vocab, g->toks, g->n_toks + n, &g->q[n]);
         drafts[n] = dist_sample(&g->q[n], &g->smp->cfg.rng);
