@@ -2936,7 +2936,7 @@ static int choose_k(Gen *g) {
     int best = 0;
     for (int k = 1; k <= g->spec.n_draft; k++)
         if (k_value(g, k) > k_value(g, best)) best = k;
-    if (!g->probe_gap) g->probe_gap = 16;
+    if (!g->probe_gap) g->probe_gap = 1;
     if (best > 0 && ++g->since_explore >= EXPLORE_GAP) {
         g->since_explore = 0;
         g->explore_up = !g->explore_up;
@@ -2951,11 +2951,17 @@ static int choose_k(Gen *g) {
 }
 
 /* A probe that found nothing makes the next one twice as rare (up to every
- * 512 steps); one accepted draft brings them back to every 16. */
+ * 64 steps: at most ~0.5% of a decode's time when nothing is ever accepted);
+ * an accepted one makes the next step a probe too, so that a head that
+ * starts to guess well (text turning repetitive, say) gets the few
+ * observations it needs to be trusted again within a few steps rather than
+ * one every 16. */
+#define PROBE_GAP_MAX 64
+
 static void probe_result(Gen *g, int n_accepted) {
     if (!g->probing) return;
     g->probing = 0;
-    g->probe_gap = n_accepted ? 16 : (g->probe_gap < 512 ? 2 * g->probe_gap : 512);
+    g->probe_gap = n_accepted ? 1 : (g->probe_gap < PROBE_GAP_MAX ? 2 * g->probe_gap : PROBE_GAP_MAX);
 }
 
 static void ema(double *v, double x) { *v = *v > 0 ? 0.75 * *v + 0.25 * x : x; }
