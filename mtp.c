@@ -1403,50 +1403,82 @@ static void l2norm_scaled(float *v, int n, float scale) {
 /* The slot token r of a batch leaves its conv window in. */
 static int conv_slot_out(const State *s, int r, int spec) { return spec ? (s->slot + r + 1) % s->n_slots : s->slot; }
 
-/* Depthwise causal conv over [previous conv_kernel-1 inputs, this batch],
- * then SiLU; stores each token's conv window in its output slot. */
-static void deltanet_conv(Engine *e, const Layer *L, int layer, int n, int spec) {
-    const Config *c = &e->model->cfg;
-    Scratch *s = &e->s;
-    State *st = &e->st;
-    int K = c->conv_kernel, C = c->conv_dim;
-    size_t keep = conv_slot_floats(c);
-    memcpy(s->conv_win, st->conv[layer] + st->slot * keep, keep * sizeof(float));
-    memcpy(s->conv_win + keep, s->proj, (size_t)n * C * sizeof(float));
-    for (int r = 0; r < n; r++) {
-        float *y = s->proj + (int64_t)r * C;
-        kn_causal_conv(y, s->conv_win + (int64_t)r * C, L->conv_taps, K, C);
-        kn_swiglu(y, y, NULL, C);
-        if (spec || r == n - 1)
-            memcpy(st->conv[layer] + conv_slot_out(st, r, spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
-    }
-}
-
-/* Per token and value head: decay = exp(ssm_a * softplus(alpha + dt_bias)), beta = sigmoid(beta). */
-static void deltanet_gates(Engine *e, const Layer *L, int n) {
+/* Per value head of token r: decay = exp(ssm_a * softplus(alpha + dt_bias)), beta = sigmoid(beta). */
+static void deltanet_gates(Engine *e, const Layer *L, int r) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
     int nv = c->n_v_heads, group = nv / c->n_k_heads;
-    for (int r = 0; r < n; r++)
-        for (int h = 0; h < nv; h++) {
-            float a, b;
-            if (c->arch == ARCH_QWEN3NEXT) {    /* per key-head group: [beta x group, alpha x group] */
-                const float *g = s->ab + (int64_t)r * 2 * nv + (h / group) * 2 * group;
-                b = g[h % group];
-                a = g[group + h % group];
-            } else {
-                a = s->ab[(int64_t)r * 2 * nv + h];
-                b = s->ab[(int64_t)r * 2 * nv + nv + h];
-            }
-            s->decay[r * nv + h] = expf(L->ssm_a[h] * softplusf(a + L->dt_bias[h]));
-            s->beta[r * nv + h] = sigmoidf(b);
+    for (int h = 0; h < nv; h++) {
+        float a, b;
+        if (c->arch == ARCH_QWEN3NEXT) {    /* per key-head group: [beta x group, alpha x group] */
+            const float *g = s->ab + (int64_t)r * 2 * nv + (h / group) * 2 * group;
+            b = g[h % group];
+            a = g[group + h % group];
+        } else {
+            a = s->ab[(int64_t)r * 2 * nv + h];
+            b = s->ab[(int64_t)r * 2 * nv + nv + h];
         }
+        s->decay[r * nv + h] = expf(L->ssm_a[h] * softplusf(a + L->dt_bias[h]));
+        s->beta[r * nv + h] = sigmoidf(b);
+    }
+}
+
+typedef struct { Engine *e; const Layer *L; int layer, n, spec; } DeltaRowsJob;
+
+/* Token r of a batch, from its projections to the DeltaNet's inputs:
+ * depthwise causal conv over its window of s.conv_win ([previous
+ * conv_kernel-1 inputs, this batch]), SiLU, its window into its output
+ * slot, the q/k L2 norms and the gates; a speculative token after the
+ * first also records those inputs for a commit to replay.  Tokens are
+ * independent here, so a batch's share out over the threads: run on the
+ * main thread alone between pool jobs, this was ~6% of a 4-token verify. */
+static void deltanet_row(const DeltaRowsJob *j, int r) {
+    Engine *e = j->e;
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    State *st = &e->st;
+    int C = c->conv_dim, dk = c->k_head_dim, nv = c->n_v_heads;
+    size_t keep = conv_slot_floats(c);
+    float *y = s->proj + (int64_t)r * C;
+    kn_causal_conv(y, s->conv_win + (int64_t)r * C, j->L->conv_taps, c->conv_kernel, C);
+    kn_swiglu(y, y, NULL, C);
+    if (j->spec || r == j->n - 1)
+        memcpy(st->conv[j->layer] + conv_slot_out(st, r, j->spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
+    for (int h = 0; h < c->n_k_heads; h++) {
+        l2norm_scaled(y + h * dk, dk, 1.0f / sqrtf((float)dk));
+        l2norm_scaled(y + (c->n_k_heads + h) * dk, dk, 1.0f);
+    }
+    deltanet_gates(e, j->L, r);
+    if (j->spec && r > 0) {
+        float *rec = st->spec_rows[j->layer] + (r - 1) * spec_row_floats(c);
+        memcpy(rec, y, C * sizeof(float));
+        memcpy(rec + C, s->decay + r * nv, nv * sizeof(float));
+        memcpy(rec + C + nv, s->beta + r * nv, nv * sizeof(float));
+    }
+}
+
+static void deltanet_rows_worker(void *ctx, int ith, int nth) {
+    for (int r = ith; r < ((const DeltaRowsJob *)ctx)->n; r += nth) deltanet_row(ctx, r);
+}
+
+/* The batch's DeltaNet inputs: its conv windows assembled, then each token
+ * on its own (one token stays on this thread: a pool job would only add
+ * its synchronisation). */
+static void deltanet_inputs(Engine *e, const Layer *L, int layer, int n, int spec) {
+    const Config *c = &e->model->cfg;
+    Scratch *s = &e->s;
+    size_t keep = conv_slot_floats(c);
+    memcpy(s->conv_win, e->st.conv[layer] + e->st.slot * keep, keep * sizeof(float));
+    memcpy(s->conv_win + keep, s->proj, (size_t)n * c->conv_dim * sizeof(float));
+    DeltaRowsJob job = {e, L, layer, n, spec};
+    if (n > 1) pool_run(&e->pool, deltanet_rows_worker, &job);
+    else deltanet_rows_worker(&job, 0, 1);
 }
 
 static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
-    int nv = c->n_v_heads, dk = c->k_head_dim;
+    int nv = c->n_v_heads;
     if (c->arch == ARCH_QWEN3NEXT) {
         matmul_set(e, s->xn, n, (Product[]){{&L->qkv, s->proj}, {&L->z, s->gate}, {&L->ba, s->ab}}, 3);
     } else {    /* alpha then beta into one [n][2*nv] block */
@@ -1456,22 +1488,7 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
             memcpy(s->ab + (int64_t)r * 2 * nv + nv, s->out + (int64_t)n * nv + (int64_t)r * nv, nv * sizeof(float));
         }
     }
-    deltanet_conv(e, L, layer, n, spec);
-    for (int r = 0; r < n; r++) {
-        float *row = s->proj + (int64_t)r * c->conv_dim;
-        for (int h = 0; h < c->n_k_heads; h++) {
-            l2norm_scaled(row + h * dk, dk, 1.0f / sqrtf((float)dk));
-            l2norm_scaled(row + (c->n_k_heads + h) * dk, dk, 1.0f);
-        }
-    }
-    deltanet_gates(e, L, n);
-    if (spec)           /* the tokens after the first, which a commit may replay */
-        for (int r = 1; r < n; r++) {
-            float *keep = e->st.spec_rows[layer] + (r - 1) * spec_row_floats(c);
-            memcpy(keep, s->proj + (int64_t)r * c->conv_dim, c->conv_dim * sizeof(float));
-            memcpy(keep + c->conv_dim, s->decay + r * nv, nv * sizeof(float));
-            memcpy(keep + c->conv_dim + nv, s->beta + r * nv, nv * sizeof(float));
-        }
+    deltanet_inputs(e, L, layer, n, spec);
     DeltaJob job = {c, e->st.ssm[layer], spec ? s->delta_tmp : NULL, n, s->proj, s->decay, s->beta, c->conv_dim, nv, s->gate, L->ssm_norm, s->mix};
     pool_run(&e->pool, delta_worker, &job);
     matmul(e, &L->ssm_out, s->mix, n, s->out);
