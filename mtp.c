@@ -870,6 +870,8 @@ typedef struct {
     PoolFn fn;
     void *ctx;
     int quit;
+    double *speed;              /* [n_threads] each thread's relative speed on matrix products (mean ~1) */
+    double *busy_ms;            /* [n_threads] each thread's time on its share of the last one */
 } Pool;
 
 typedef struct { Pool *pool; int ith; } PoolWorker;
@@ -908,6 +910,9 @@ static void pool_init(Pool *p, int n_threads) {
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->wake, NULL);
     p->threads = xcalloc((size_t)n_threads, sizeof *p->threads);
+    p->speed = xcalloc((size_t)n_threads, sizeof *p->speed);
+    p->busy_ms = xcalloc((size_t)n_threads, sizeof *p->busy_ms);
+    for (int i = 0; i < n_threads; i++) p->speed[i] = 1;
     for (int i = 1; i < n_threads; i++) {
         PoolWorker *w = xmalloc(sizeof *w);
         *w = (PoolWorker){p, i};
@@ -945,6 +950,8 @@ static void pool_free(Pool *p) {
         for (int i = 0; i < p->n_threads - 1; i++) pthread_join(p->threads[i], NULL);
     }
     free(p->threads);
+    free(p->speed);
+    free(p->busy_ms);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->wake);
 }
@@ -957,6 +964,40 @@ static void pool_share(int64_t n, int ith, int nth, int64_t align, int64_t *lo, 
     *hi = units * (ith + 1) / nth * align;
     if (*lo > n) *lo = n;
     if (*hi > n) *hi = n;
+}
+
+/* Thread ith's share [*lo, *hi) of n items in proportion to the threads'
+ * measured speeds: on a shared machine (or one with fast and slow cores)
+ * one CPU can run 10-25% slower than another for seconds at a time, and
+ * with equal shares the faster thread spent that long waiting. */
+static void pool_share_by_speed(const Pool *p, int64_t n, int ith, int64_t *lo, int64_t *hi) {
+    double total = 0, before = 0;
+    for (int i = 0; i < p->n_threads; i++) {
+        if (i == ith) before = total;
+        total += p->speed[i];
+    }
+    *lo = (int64_t)(n * before / total + 0.5);
+    *hi = ith == p->n_threads - 1 ? n : (int64_t)(n * (before + p->speed[ith]) / total + 0.5);
+}
+
+/* After a job shared by speed: move each thread's speed a little towards
+ * its rate on it relative to the others' (items per ms; one job's timing is
+ * noisy, and the job kinds differ, so only the ratio is used, smoothed). */
+static void pool_learn_speed(Pool *p, int64_t n) {
+    double rate[64], mean = 0;
+    int nt = p->n_threads;
+    if (nt > 64) return;
+    for (int i = 0; i < nt; i++) {
+        int64_t lo, hi;
+        pool_share_by_speed(p, n, i, &lo, &hi);
+        if (hi - lo < 4 || p->busy_ms[i] <= 0) return;     /* too little to time */
+        rate[i] = (double)(hi - lo) / p->busy_ms[i];
+        mean += rate[i] / nt;
+    }
+    for (int i = 0; i < nt; i++) {
+        double r = rate[i] / mean;
+        p->speed[i] = 0.9 * p->speed[i] + 0.1 * (r < 0.25 ? 0.25 : r > 4 ? 4 : r);
+    }
 }
 
 /* ==== Matrix products ====
@@ -984,6 +1025,7 @@ typedef struct {
     int count, n;
     const float *x;             /* [n][n_in] the f32 input, for the reference kernel */
     int glu;                    /* products 0 and 1 are a SwiGLU's gate and up: silu(gate) * up into gate's y */
+    Pool *pool;
 } MatmulJob;
 
 /* --ref-kernels: every product through the scalar reference (f32 activations,
@@ -1035,9 +1077,12 @@ static void glu_tiles_run(const MatmulJob *j, int64_t lo, int64_t hi) {
 static void matmul_worker(void *ctx, int ith, int nth) {
     const MatmulJob *j = ctx;
     int64_t lo, hi;
-    pool_share(j->first_tile[j->glu ? 1 : j->count], ith, nth, 1, &lo, &hi);
+    (void)nth;
+    double t0 = now_ms();
+    pool_share_by_speed(j->pool, j->first_tile[j->glu ? 1 : j->count], ith, &lo, &hi);
     if (j->glu) glu_tiles_run(j, lo, hi);
     else tiles_run(j, lo, hi);
+    j->pool->busy_ms[ith] = now_ms() - t0;
 }
 
 /* ==== State ====
@@ -1213,7 +1258,7 @@ static void scratch_free(Scratch *s) {
  * (with glu, then y_0 = silu(y_0) * y_1).  The input is prepared once per
  * weight format the products use. */
 static void matmul_job(Engine *e, const float *x, int n, const Product *prod, int count, int glu) {
-    MatmulJob job = {.count = count, .n = n, .x = x, .glu = glu};
+    MatmulJob job = {.count = count, .n = n, .x = x, .glu = glu, .pool = &e->pool};
     const uint8_t *next = e->s.act;
     for (int p = 0; p < count; p++) {
         const Mat *w = prod[p].w;
@@ -1231,6 +1276,7 @@ static void matmul_job(Engine *e, const float *x, int n, const Product *prod, in
         next += (size_t)n * job.act_bytes[p];
     }
     pool_run(&e->pool, matmul_worker, &job);
+    if (e->pool.n_threads > 1) pool_learn_speed(&e->pool, job.first_tile[glu ? 1 : count]);
 }
 
 static void matmul_set(Engine *e, const float *x, int n, const Product *prod, int count) { matmul_job(e, x, n, prod, count, 0); }
