@@ -982,11 +982,14 @@ static void pool_share_by_speed(const Pool *p, int64_t n, int ith, int64_t *lo, 
 
 /* After a job shared by speed: move each thread's speed a little towards
  * its rate on it relative to the others' (items per ms; one job's timing is
- * noisy, and the job kinds differ, so only the ratio is used, smoothed). */
+ * noisy, and the job kinds differ, so only the ratio is used, smoothed).
+ * Pools of more than SPEED_THREADS threads keep equal shares. */
+#define SPEED_THREADS 64
+
 static void pool_learn_speed(Pool *p, int64_t n) {
-    double rate[64], mean = 0;
+    double rate[SPEED_THREADS], mean = 0;
     int nt = p->n_threads;
-    if (nt > 64) return;
+    if (nt > SPEED_THREADS) return;
     for (int i = 0; i < nt; i++) {
         int64_t lo, hi;
         pool_share_by_speed(p, n, i, &lo, &hi);
