@@ -1006,14 +1006,14 @@ static void pool_learn_speed(Pool *p, int64_t n) {
 /* ==== Matrix products ====
  * y[r] = W x[r] for a batch of activation rows.  Activations are prepared
  * once per input (quantised to the kernel's 8-bit blocks), then each thread
- * takes a slice of output rows and, for each small tile of weight rows, runs
- * every group of KN_MAX_ROWS activation rows: the tile stays in cache, so a
- * batch of tokens reads the weights from memory once.  Products that share an input (q/k/v,
- * gate/up, the DeltaNet projections) go out as one job, so a step waits on
- * the pool half as often; a SwiGLU's gate and up run tile by tile side by
- * side, and the thread that made a tile of both applies the activation to
- * it, so that work is shared out too instead of running on one thread
- * between jobs. */
+ * takes a slice of output rows (sized by its measured speed) and, for each
+ * small tile of weight rows, runs every group of KN_MAX_ROWS activation
+ * rows: the tile stays in cache, so a batch of tokens reads the weights
+ * from memory once.  Products that share an input (q/k/v, gate/up, the
+ * DeltaNet projections) go out as one job, so a step waits on the pool half
+ * as often; a SwiGLU's gate and up run tile by tile side by side, and the
+ * thread that made a tile of both applies the activation to it, so that
+ * work is shared out too instead of running on one thread between jobs. */
 
 #define MATMUL_TILE 16
 #define MAX_PRODUCTS 4
