@@ -105,6 +105,20 @@ static int collect(void *ud, int32_t t) {
     return 0;
 }
 
+/* A model file with its weights, as main loads it. */
+static void model_load(Model *m, const char *path) {
+    model_open(m, path);
+    load_config(m);
+    load_weights(m);
+}
+
+static const SamplerCfg GREEDY = {.temp = 0, .top_p = 1, .rep_penalty = 1, .rng = 1};
+
+/* A fixed prompt of n token ids spread over the vocabulary. */
+static void test_prompt(int32_t *prompt, int n, int n_vocab) {
+    for (int i = 0; i < n; i++) prompt[i] = (i * 97 + 13) % n_vocab;
+}
+
 static void engine_open(Engine *e, Model *m, int n_ctx, int n_slots) {
     memset(e, 0, sizeof *e);
     e->model = m;
@@ -145,24 +159,21 @@ static int states_equal(const Engine *a, const Engine *b) {
 
 static int cmd_rollback(const char *path) {
     Model m;
-    model_open(&m, path);
-    load_config(&m);
-    load_weights(&m);
+    model_load(&m, path);
     const int K = 4, n_gen = 60, n_ctx = 256;
     uint8_t *eog = xcalloc(m.cfg.n_vocab, 1);
-    SamplerCfg greedy = {.temp = 0, .top_p = 1, .rep_penalty = 1, .rng = 1};
     SpecCfg spec = {.n_draft = K};
     Engine ea, eb;
     engine_open(&ea, &m, n_ctx, 1);
     engine_open(&eb, &m, n_ctx, K + 2);
     Sampler sa, sb;
-    sampler_init(&sa, &greedy, m.cfg.n_vocab);
-    sampler_init(&sb, &greedy, m.cfg.n_vocab);
+    sampler_init(&sa, &GREEDY, m.cfg.n_vocab);
+    sampler_init(&sb, &GREEDY, m.cfg.n_vocab);
     Gen ga, gb;
     gen_init(&ga, &ea, &sa, &spec, 0, eog);
     gen_init(&gb, &eb, &sb, &spec, 0, eog);
     int32_t prompt[12];
-    for (int i = 0; i < 12; i++) prompt[i] = (i * 97 + 13) % m.cfg.n_vocab;
+    test_prompt(prompt, 12, m.cfg.n_vocab);
     /* the plain continuation is the oracle */
     Collect plain = {0}, spec_out = {0}, scratch = {0};
     int done = 0;
@@ -220,23 +231,20 @@ static int cmd_rollback(const char *path) {
 
 static int cmd_chain(const char *path) {
     Model m;
-    model_open(&m, path);
-    load_config(&m);
-    load_weights(&m);
+    model_load(&m, path);
     const int K = 3, n_prompt = 12, n_ctx = 64;
     uint8_t *eog = xcalloc(m.cfg.n_vocab, 1);
-    SamplerCfg greedy = {.temp = 0, .top_p = 1, .rep_penalty = 1, .rng = 1};
     SpecCfg spec = {.n_draft = K, .draft_vocab = m.cfg.n_vocab};
     Engine e[2];
     Sampler smp[2];
     Gen g[2];
     int32_t prompt[12], drafts[2][3];
-    for (int i = 0; i < n_prompt; i++) prompt[i] = (i * 97 + 13) % m.cfg.n_vocab;
+    test_prompt(prompt, n_prompt, m.cfg.n_vocab);
     float *logits[2];
     int n_drafts[2];
     for (int v = 0; v < 2; v++) {
         engine_open(&e[v], &m, n_ctx, 1);
-        sampler_init(&smp[v], &greedy, m.cfg.n_vocab);
+        sampler_init(&smp[v], &GREEDY, m.cfg.n_vocab);
         gen_init(&g[v], &e[v], &smp[v], &spec, 1, eog);
         gen_feed(&g[v], prompt, n_prompt, NULL);
         int32_t next = (int32_t)kn_argmax(e[v].s.logits, m.cfg.n_vocab);
