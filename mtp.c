@@ -1121,6 +1121,9 @@ typedef struct {
     float *ssm[MAX_LAYERS];     /* recurrent layers: [n_v_heads][k_head_dim][v_head_dim], committed */
     float *spec_rows[MAX_LAYERS]; /* recurrent layers: [n_slots-1][spec_row_floats] the DeltaNet inputs of
                                    * a speculative batch's tokens after the first: q k v after conv and norms, decay, beta */
+    float *ssm_last[MAX_LAYERS]; /* recurrent layers, once n_slots > 1: shaped as ssm, the state after a
+                                  * speculative batch's last token, which keeping the whole batch adopts */
+    int spec_n;                 /* tokens in the speculative batch forward() ran last */
     float *mtp_k, *mtp_v;       /* the MTP block's own cache: [n_kv_head][n_ctx][head_dim] */
     int mtp_n;                  /* teacher-forced MTP cache entries: positions 0..mtp_n-1 */
 } State;
@@ -1130,10 +1133,12 @@ static size_t ssm_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_h
 static size_t spec_row_floats(const Config *c) { return (size_t)c->conv_dim + 2 * (size_t)c->n_v_heads; }
 
 /* A recurrent layer's buffers sized by the slot count, zeroed: its conv-window
- * ring and the rows a speculative batch records (state_init, state_grow_slots). */
+ * ring, the rows a speculative batch records and, once there can be one, the
+ * state after it (state_init, state_grow_slots). */
 static void alloc_slot_buffers(State *s, const Config *c, int layer, int n_slots) {
     s->conv[layer] = acalloc(n_slots * conv_slot_floats(c), sizeof(float));
     s->spec_rows[layer] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
+    if (n_slots > 1 && !s->ssm_last[layer]) s->ssm_last[layer] = acalloc(ssm_floats(c), sizeof(float));
 }
 
 static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
@@ -1162,6 +1167,7 @@ static void state_free(State *s) {
         afree(s->v_cache[l]);
         afree(s->conv[l]);
         afree(s->ssm[l]);
+        afree(s->ssm_last[l]);
         afree(s->spec_rows[l]);
     }
     afree(s->mtp_k);
@@ -1190,7 +1196,6 @@ typedef struct {
     float *conv_win;            /* [conv_kernel-1+UBATCH][conv_dim] */
     float *decay, *beta;        /* [UBATCH][n_v_heads] */
     float *att;                 /* [n_threads][KN_ATTN_MAX_Q][n_ctx] attention scores */
-    float *delta_tmp;           /* [n_threads][k_head_dim*v_head_dim] a head's state within a speculative batch */
     float *ffn_a, *ffn_b;       /* [UBATCH][max ffn width] */
     float *moe_w;               /* [UBATCH][n_expert] routing weight (0 when unused) */
     float *moe_x, *moe_y;       /* [UBATCH][dim] rows gathered for one expert */
@@ -1231,7 +1236,6 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
     s->decay = acalloc(B * c->n_v_heads, sizeof(float));
     s->beta = acalloc(B * c->n_v_heads, sizeof(float));
     s->att = acalloc((size_t)n_threads * KN_ATTN_MAX_Q * n_ctx, sizeof(float));
-    s->delta_tmp = acalloc((size_t)n_threads * c->k_head_dim * c->v_head_dim, sizeof(float));
     s->ffn_a = acalloc(B * ffn, sizeof(float));
     s->ffn_b = acalloc(B * ffn, sizeof(float));
     s->moe_w = acalloc(B * max_sz(1, (size_t)c->n_expert), sizeof(float));
@@ -1250,7 +1254,7 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
 
 static void scratch_free(Scratch *s) {
     float *bufs[] = {s->x, s->xn, s->proj, s->gate, s->mix, s->k, s->v, s->out, s->ab, s->conv_win, s->decay,
-                     s->beta, s->att, s->delta_tmp, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in,
+                     s->beta, s->att, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in,
                      s->inv_freq, s->rope_cos, s->rope_sin};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) afree(bufs[i]);
     afree(s->moe_rows);
@@ -1407,8 +1411,8 @@ static void attention(Engine *e, const Layer *L, float *k_cache, float *v_cache,
 typedef struct {
     const Config *c;
     float *ssm;                 /* [n_v_heads][k_head_dim][v_head_dim] the committed state */
-    float *tmp;                 /* NULL: the rows update ssm in place; else [nth][k_head_dim*v_head_dim]
-                                 * where a speculative batch's heads evolve after its first row */
+    float *last;                /* NULL: the rows update ssm in place; else shaped as ssm, where a
+                                 * speculative batch's heads evolve after its first row */
     int n;
     const float *qkv;           /* [n] rows qkv_stride apart: q, k, v after conv, SiLU and the q/k L2 norms */
     const float *decay, *beta;  /* [n] rows gate_stride apart: [n_v_heads] */
@@ -1429,13 +1433,13 @@ static void delta_worker(void *ctx, int ith, int nth) {
     pool_share(c->n_v_heads, ith, nth, 1, &lo, &hi);
     for (int h = (int)lo; h < hi; h++) {
         int kh = c->v_tiled ? h % c->n_k_heads : h / group;
-        float *S = j->ssm + h * head_floats, *scratch = j->tmp ? j->tmp + ith * head_floats : S;
+        float *S = j->ssm + h * head_floats, *after = j->last ? j->last + h * head_floats : S;
         for (int r = 0; r < j->n; r++) {
             const float *row = j->qkv + r * j->qkv_stride;
             const float *q = row + kh * dk, *k = row + c->n_k_heads * dk + kh * dk;
             const float *v = row + 2 * c->n_k_heads * dk + h * dv;
             float *o = j->out + (int64_t)r * c->n_v_heads * dv + h * dv;
-            kn_delta_step(r > 1 ? scratch : S, r > 0 ? scratch : S, q, k, v, j->decay[r * j->gate_stride + h],
+            kn_delta_step(r > 1 ? after : S, r > 0 ? after : S, q, k, v, j->decay[r * j->gate_stride + h],
                           j->beta[r * j->gate_stride + h], o, dk, dv);
             if (!j->z) continue;
             kn_rmsnorm(o, o, j->norm, dv, c->eps);
@@ -1538,7 +1542,7 @@ static void deltanet(Engine *e, const Layer *L, int layer, int n, int spec) {
         }
     }
     deltanet_inputs(e, L, layer, n, spec);
-    DeltaJob job = {c, e->st.ssm[layer], spec ? s->delta_tmp : NULL, n, s->proj, s->decay, s->beta, c->conv_dim, nv, s->gate, L->ssm_norm, s->mix};
+    DeltaJob job = {c, e->st.ssm[layer], spec ? e->st.ssm_last[layer] : NULL, n, s->proj, s->decay, s->beta, c->conv_dim, nv, s->gate, L->ssm_norm, s->mix};
     pool_run(&e->pool, delta_worker, &job);
     matmul(e, &L->ssm_out, s->mix, n, s->out);
     add_rows(s->x, s->out, (int64_t)n * c->dim);
@@ -1662,6 +1666,7 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
     else if (logits == LOGITS_LAST)
         lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits, c->n_vocab);
     if (!spec) st->n_past += n;
+    st->spec_n = spec ? n : 0;
 }
 
 typedef struct { Engine *e; int n_replay; } CommitJob;
@@ -1684,12 +1689,23 @@ static void commit_worker(void *ctx, int ith, int nth) {
 
 /* Keep the first n_keep >= 1 tokens of the speculative batch forward() just
  * ran: their conv windows are in slots already, the first token's recurrent
- * update is in the state, the others' are replayed from the recorded inputs. */
+ * update is in the state, and the others' are replayed from the recorded
+ * inputs, unless the whole batch is kept: then the state after its last
+ * token is there to take (a pointer swap per layer). */
 static void state_commit(Engine *e, int n_keep) {
+    const Config *c = &e->model->cfg;
+    State *st = &e->st;
     CommitJob job = {e, n_keep - 1};
-    if (job.n_replay > 0) pool_run(&e->pool, commit_worker, &job);
-    e->st.n_past += n_keep;
-    e->st.slot = (e->st.slot + n_keep) % e->st.n_slots;
+    if (n_keep > 1 && n_keep == st->spec_n)
+        for (int l = 0; l < c->n_layer; l++) {
+            float *kept = st->ssm_last[l];
+            st->ssm_last[l] = st->ssm[l];
+            st->ssm[l] = kept;
+        }
+    else if (job.n_replay > 0)
+        pool_run(&e->pool, commit_worker, &job);
+    st->n_past += n_keep;
+    st->slot = (st->slot + n_keep) % st->n_slots;
 }
 
 /* ==== MTP head ====
