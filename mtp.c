@@ -1101,10 +1101,11 @@ static void matmul_worker(void *ctx, int ith, int nth) {
  * 0.8B model), and writing one copy per token made a 3-token verify 10%
  * dearer.  A speculative batch's first token is always kept (it is the last
  * accepted one), so it updates the state in place as a decode step does;
- * the later tokens evolve each head in a thread's scratch, and their
- * DeltaNet inputs are recorded.  Keeping j > 1 tokens replays tokens 1..j-1
- * on the state in place: with the same arithmetic as plain decoding, bit
- * for bit, and with no state traffic at all when only the first is kept. */
+ * the later tokens evolve a second copy, ssm_last, and their DeltaNet
+ * inputs are recorded.  Keeping the whole batch (the commonest outcome when
+ * the head drafts well) swaps ssm_last in; keeping 1 < j < all tokens
+ * replays tokens 1..j-1 on the state in place, with the same arithmetic as
+ * plain decoding, bit for bit; keeping only the first costs nothing. */
 
 #define UBATCH 32               /* tokens per forward call in prefill */
 
