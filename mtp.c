@@ -2860,8 +2860,10 @@ typedef struct {
     Dist p, q[MAX_DRAFT];
     float alpha[MAX_DRAFT];     /* running P(draft i accepted | drafts before it accepted) */
     int alpha_n[MAX_DRAFT];     /* weight of alpha[i]: 1 (the prior alone) plus observations, up to ALPHA_SPAN */
-    double t_draft, t_verify[MAX_DRAFT + 2]; /* running costs in ms: one draft step, a verify of n tokens
-                                              * (its forward pass and the commit of the tokens kept) */
+    double t_first, t_chain;    /* running costs in ms: a step's first draft (which also feeds the head the
+                                 * rows accepted since the last one) and each chained draft after it */
+    double t_verify[MAX_DRAFT + 2]; /* running cost in ms of a verify of n tokens (its forward pass and
+                                     * the commit of the tokens kept) */
     double t_forward;           /* the last verify's forward pass, ms */
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
@@ -2968,21 +2970,36 @@ static float top_prob(const float *lg, int n) {
     return (float)(1.0 / sum);
 }
 
+static void ema(double *v, double x) { *v = *v > 0 ? 0.75 * *v + 0.25 * x : x; }
+
+static double elapsed_since(double t0) { return now_ms() - t0; }
+
 /* Draft up to k tokens after the sequence's last token into toks[n_toks..];
- * returns how many. */
+ * returns how many.  The first draft and the chained ones are timed apart:
+ * the first carries the step's catch-up rows, and pricing every draft at
+ * their mean made deep drafting look dearer than it is. */
 static int draft(Gen *g, int k) {
     Engine *e = g->e;
     int32_t *drafts = g->toks + g->n_toks;
+    double t0 = now_ms();
     /* a chained draft starts from the head's output at the position before
      * it, which each call leaves in s.hidden row 0 */
     mtp_catch_up(g, 1, 0);
-    int n = 0;
+    int n = 0, chained = 0;
     for (; n < k; n++) {
-        if (n > 0) mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
+        if (n > 0) {
+            mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
+            chained++;
+        }
         if (g->spec.p_min > 0 && top_prob(e->s.logits, g->spec.draft_vocab) < g->spec.p_min) break;
         sampler_dist(g->smp, e->s.logits, g->spec.draft_vocab, g->toks, g->n_toks + n, &g->q[n]);
         drafts[n] = dist_sample(&g->q[n], &g->smp->cfg.rng);
+        if (n == 0) {
+            ema(&g->t_first, elapsed_since(t0));
+            t0 = now_ms();
+        }
     }
+    if (chained) ema(&g->t_chain, elapsed_since(t0) / chained);
     return n;
 }
 
@@ -3000,7 +3017,7 @@ static double k_value(const Gen *g, int k) {
     int j = k;
     while (g->t_verify[j + 1] <= 0) j--;
     double tv = g->t_verify[j + 1] + 0.2 * (k - j) * g->t_verify[1];
-    return expect / (k * g->t_draft + tv);
+    return expect / (g->t_first + (k - 1) * g->t_chain + tv);
 }
 
 /* Adaptive depth: the k that maximises expected tokens per unit time.
@@ -3015,7 +3032,7 @@ static double k_value(const Gen *g, int k) {
 
 static int choose_k(Gen *g) {
     if (!g->spec.adaptive) return g->spec.n_draft;
-    if (g->t_verify[1] <= 0 || g->t_draft <= 0) return g->t_verify[1] <= 0 ? 0 : 1;
+    if (g->t_verify[1] <= 0 || g->t_first <= 0) return g->t_verify[1] <= 0 ? 0 : 1;
     int best = 0;
     for (int k = 1; k <= g->spec.n_draft; k++)
         if (k_value(g, k) > k_value(g, best)) best = k;
@@ -3046,10 +3063,6 @@ static void probe_result(Gen *g, int n_accepted) {
     g->probing = 0;
     g->probe_gap = n_accepted ? 1 : (g->probe_gap < PROBE_GAP_MAX ? 2 * g->probe_gap : PROBE_GAP_MAX);
 }
-
-static void ema(double *v, double x) { *v = *v > 0 ? 0.75 * *v + 0.25 * x : x; }
-
-static double elapsed_since(double t0) { return now_ms() - t0; }
 
 /* Emit tokens until end-of-generation, the budget, or a stop request;
  * returns how many were emitted. */
@@ -3157,10 +3170,7 @@ static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
     g->drafted = k > 0;
     double t0 = now_ms();
     int n_draft = k ? draft(g, k) : 0;
-    if (k) {
-        ema(&g->t_draft, elapsed_since(t0) / k);
-        g->st.draft_ms += elapsed_since(t0);
-    }
+    if (k) g->st.draft_ms += elapsed_since(t0);
     advance(g, n_draft, budget, emit, ud, done);
 }
 
