@@ -528,6 +528,44 @@ void kn_delta_step(const float *S_in, float *S_out, const float *q, const float 
     for (; c0 < dv; c0 += 16) delta_strip(S_in, S_out, q, k, v, decay, beta, qk, out, dk, dv, c0, 1);
 }
 
+/* ==== Activation quantisation ====
+ * kn_ref_act_prepare's bytes for 32-element blocks, sixteen lanes at a
+ * time: the same largest |x| (as bits), the same float products, the same
+ * round-half-away-from-zero by truncating x*id +- 0.5, the same sums.  The
+ * portable loop ran ~0.7 ns per float on the build machine, on the main
+ * thread between pool jobs, ~6% of a 4-token verify.  K-quant blocks and
+ * float weights take the portable one. */
+
+/* (int)(t + (t < 0 ? -0.5f : 0.5f)) per lane, as kn_round */
+static inline __m512i round_half_away(__m512 t)
+{
+    __mmask16 neg = _mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_cvttps_epi32(_mm512_add_ps(t, _mm512_mask_blend_ps(neg, _mm512_set1_ps(0.5f), _mm512_set1_ps(-0.5f))));
+}
+
+void kn_act_prepare(int wtype, const float *x, int64_t n, void *out)
+{
+    if (kn_is_float(wtype) || kn_act_block(wtype) != KN_QK) {
+        kn_ref_act_prepare(wtype, x, n, out);
+        return;
+    }
+    int8_t *q = out;
+    float *d = (float *)(q + n), *s = d + n / KN_QK;
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    for (int64_t b = 0; b < n / KN_QK; b++) {
+        __m512 x0 = _mm512_loadu_ps(x + KN_QK * b), x1 = _mm512_loadu_ps(x + KN_QK * b + 16);
+        __m512i bits = _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(x0), magnitude),
+                                        _mm512_and_si512(_mm512_castps_si512(x1), magnitude));
+        float amax = kn_bits_f32(_mm512_reduce_max_epu32(bits));
+        __m512 id = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m512i q0 = round_half_away(_mm512_mul_ps(x0, id)), q1 = round_half_away(_mm512_mul_ps(x1, id));
+        _mm_storeu_si128((__m128i *)(q + KN_QK * b), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + KN_QK * b + 16), _mm512_cvtepi32_epi8(q1));
+        d[b] = amax / 127.0f;
+        s[b] = d[b] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
 /* ==== Attention ====
  * avx2.c's blocks (and driver) with sixteen floats to a register, for head
  * sizes that are multiples of 16; others take the AVX2 steps. */

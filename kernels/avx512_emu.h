@@ -169,6 +169,23 @@ DEFI(setr_epi32, (int e0, int e1, int e2, int e3, int e4, int e5, int e6, int e7
 #define _mm512_reduce_add_ps emu_reduce_add_ps
 static inline float emu_reduce_add_ps(__m512 a) { EU x = eu_f(a); float s = 0; for (int k = 0; k < 16; k++) s += x.f[k]; return s; }
 
+#define _mm512_castps_si512 emu_castps_si512
+DEFI(castps_si512, (__m512 a), r = eu_f(a))
+#define _mm512_max_epu32 emu_max_epu32
+DEFI(max_epu32, (__m512i a, __m512i b), EU x = eu_i(a), y = eu_i(b); for (int k = 0; k < 16; k++) r.i[k] = (uint32_t)x.i[k] > (uint32_t)y.i[k] ? x.i[k] : y.i[k])
+#define _mm512_reduce_max_epu32 emu_reduce_max_epu32
+static inline unsigned emu_reduce_max_epu32(__m512i a) { EU x = eu_i(a); uint32_t m = 0; for (int k = 0; k < 16; k++) m = (uint32_t)x.i[k] > m ? (uint32_t)x.i[k] : m; return m; }
+#define _mm512_reduce_add_epi32 emu_reduce_add_epi32
+static inline int emu_reduce_add_epi32(__m512i a) { EU x = eu_i(a); uint32_t s = 0; for (int k = 0; k < 16; k++) s += (uint32_t)x.i[k]; return (int)s; }
+#define _mm512_cvttps_epi32 emu_cvttps_epi32   /* in range only, as the kernels use it */
+DEFI(cvttps_epi32, (__m512 a), EU x = eu_f(a); for (int k = 0; k < 16; k++) r.i[k] = (int32_t)x.f[k])
+#define _mm512_cvtepi32_epi8 emu_cvtepi32_epi8
+static inline __m128i emu_cvtepi32_epi8(__m512i a) { EU x = eu_i(a); int8_t t[16]; for (int k = 0; k < 16; k++) t[k] = (int8_t)x.i[k]; return _mm_loadu_si128((const __m128i *)t); }
+#define _mm512_cmp_ps_mask emu_cmp_ps_mask     /* the predicate the kernels use: _CMP_LT_OQ */
+static inline __mmask16 emu_cmp_ps_mask(__m512 a, __m512 b, int pred) { EU x = eu_f(a), y = eu_f(b); __mmask16 m = 0; (void)pred; for (int k = 0; k < 16; k++) m |= (__mmask16)(x.f[k] < y.f[k]) << k; return m; }
+#define _mm512_mask_blend_ps emu_mask_blend_ps
+DEFF(mask_blend_ps, (__mmask16 m, __m512 a, __m512 b), EU x = eu_f(a), y = eu_f(b); for (int k = 0; k < 16; k++) r.f[k] = (m >> k & 1 ? y : x).f[k])
+
 /* ==== Claim the target ==== */
 #define KN_EMULATE_AVX512 1
 #define __builtin_cpu_supports(feature) 1

@@ -115,6 +115,7 @@ int         kn_cpu_ok(char *why, size_t n);
 /* reference (scalar) versions, always compiled, for the kernel tests; w may be packed */
 void  kn_ref_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                     const float *x, int64_t x_stride, int nr, float *y, int64_t y_stride);
+void  kn_ref_act_prepare(int wtype, const float *x, int64_t n_in, void *out);   /* the layout's definition */
 void  kn_ref_delta_step(const float *S_in, float *S_out, const float *q, const float *k, const float *v,
                         float decay, float beta, float *out, int dk, int dv);
 void  kn_ref_attn_head(const float *q, const float *k, const float *v, int64_t kv_stride, int n_keys, int hd,

@@ -4,8 +4,9 @@
  *   - which instruction set this build's kernels target (KN_ISA_*), decided
  *     from the compiler's target macros, so every kernel file agrees;
  *   - the ggml block layouts and the half/bfloat conversions;
- *   - the layout of prepared activation rows, which kn_act_prepare (always
- *     the portable one in scalar.c) writes and every matmul kernel reads;
+ *   - the layout of prepared activation rows, which kn_ref_act_prepare in
+ *     scalar.c defines (kn_act_prepare writes the same bytes in every build)
+ *     and every matmul kernel reads;
  *   - the multi-row scaffolding the SIMD matmuls are instantiated with.
  */
 #ifndef KN_IMPL_H

@@ -2,7 +2,7 @@
  *
  * This file is compiled into every build.  It owns what must not differ
  * between instruction sets: the ggml type table, exact dequantisation, the
- * prepared-activation layout (kn_act_prepare), the double-precision
+ * prepared-activation layout (kn_ref_act_prepare), the double-precision
  * references the tests trust, and the CPU check.  It also holds portable
  * kernels (kn_sc_*): the whole implementation when no SIMD file applies, and
  * the fallback for formats a SIMD file leaves alone.
@@ -364,7 +364,7 @@ size_t kn_act_row_bytes(int wtype, int64_t n)
 /* Round half away from zero without libm, so this stays a tight loop. */
 static inline int kn_round(float v) { return (int)(v + (v < 0 ? -0.5f : 0.5f)); }
 
-KN_VECTORIZE void kn_act_prepare(int wtype, const float *x, int64_t n, void *out)
+KN_VECTORIZE void kn_ref_act_prepare(int wtype, const float *x, int64_t n, void *out)
 {
     if (kn_is_float(wtype)) {
         memcpy(out, x, (size_t)n * 4);
@@ -404,6 +404,13 @@ KN_VECTORIZE void kn_act_prepare(int wtype, const float *x, int64_t n, void *out
         }
     }
 }
+
+/* The AVX-512 build quantises 32-element blocks with vector code that
+ * writes these same bytes (tests/test_kernels.c checks it); every other
+ * build uses this one. */
+#ifndef KN_ISA_AVX512
+void kn_act_prepare(int wtype, const float *x, int64_t n, void *out) { kn_ref_act_prepare(wtype, x, n, out); }
+#endif
 
 /* ==== Portable vector ops ==== */
 

@@ -328,6 +328,40 @@ static int mm_packed_rows(const mm_case *c)
     return ok;
 }
 
+/* kn_act_prepare against the layout's definition, kn_ref_act_prepare, byte
+ * for byte, for every weight format's activation blocks: rows of ordinary
+ * values, rows with zero blocks, -0, denormals and huge values, and rows
+ * whose scaled values land exactly on .5 (the rounding goes away from 0). */
+static void test_act_prepare(void)
+{
+    static const int types[] = {KN_F32, KN_Q8_0, KN_Q4_0, KN_Q4_K, KN_Q6_K};
+    const int64_t n = 1024;
+    float *x = xalloc(sizeof(float) * n);
+    int same = 1, rows = 0;
+    for (size_t ti = 0; ti < sizeof types / sizeof types[0]; ti++) {
+        int t = kn_pack_type(types[ti]);
+        size_t bytes = kn_act_row_bytes(t, n);
+        uint8_t *a = xalloc(bytes), *b = xalloc(bytes);
+        for (int kind = 0; kind < 4; kind++, rows++) {
+            for (int64_t i = 0; i < n; i++) {
+                float v = frand();
+                if (kind == 1) v = i % 96 < 32 ? 0.0f : i % 7 == 0 ? -0.0f : i % 5 == 0 ? 1e-40f * v : v * 1e30f;
+                if (kind == 2) v = (float)((int)(frand() * 254) / 2) + (i % 2 ? 0.5f : -0.5f);   /* halves */
+                if (kind == 3) v = i % 32 == 0 ? 127.0f : (float)((int)(frand() * 127)) + 0.5f * (float)(i % 3 - 1);
+                x[i] = v;
+            }
+            memset(a, 0xa5, bytes);
+            memset(b, 0xa5, bytes);
+            kn_act_prepare(t, x, n, a);
+            kn_ref_act_prepare(t, x, n, b);
+            same &= !memcmp(a, b, bytes);
+        }
+        free(a), free(b);
+    }
+    free(x);
+    report(same, "kn_act_prepare writes kn_ref_act_prepare's bytes (%d rows over 5 formats, with zeros, -0, denormals, huge values, .5 ties)", rows);
+}
+
 static void test_matmul(void)
 {
     static const int64_t n_outs[] = {1, 7, 33, 130};
@@ -822,6 +856,7 @@ int main(int argc, char **argv)
     }
     printf("kernels: %s\n", kn_isa());
     test_formats();
+    test_act_prepare();
     test_matmul();
     test_vector_ops();
     test_delta();
