@@ -8,9 +8,9 @@
  *                 dense matrices then move to huge pages, in the layout the
  *                 kernels read fastest.
  *   State       - per-sequence KV caches for the full-attention layers, conv
- *                 and recurrent state for the Gated DeltaNet layers, in a small
- *                 ring of slots so a speculative batch can be rolled back by
- *                 picking a slot instead of copying or recomputing.
+ *                 inputs and recurrent state for the Gated DeltaNet layers,
+ *                 kept so that a speculative batch rolls back by moving an
+ *                 index, or by a short replay, instead of copying state.
  *   Forward     - the hybrid stack: 3 DeltaNet layers then 1 gated attention
  *                 layer (per the file), SwiGLU FFN, final norm, LM head, over
  *                 a batch of tokens at consecutive positions.
@@ -1094,10 +1094,10 @@ static void matmul_worker(void *ctx, int ith, int nth) {
  * DeltaNet layers keep a conv window and a [k_head_dim][v_head_dim]
  * recurrent state per value head.
  *
- * Speculation must be able to keep any prefix of a batch.  The conv windows
- * are small and live in a ring of n_slots copies: token j of a speculative
- * batch writes its window into slot (slot+j+1), and keeping a prefix is
- * choosing a slot.  The recurrent states are large (18 MB per copy for the
+ * Speculation must be able to keep any prefix of a batch.  A layer's conv
+ * inputs are rows: the committed window (the last conv_kernel-1 inputs)
+ * from row conv_at, then the batch's, so keeping a prefix of j tokens is
+ * moving conv_at on by j.  The recurrent states are large (18 MB per copy for the
  * 0.8B model), and writing one copy per token made a 3-token verify 10%
  * dearer.  A speculative batch's first token is always kept (it is the last
  * accepted one), so it updates the state in place as a decode step does;
@@ -1112,13 +1112,14 @@ static void matmul_worker(void *ctx, int ith, int nth) {
 typedef struct {
     int n_ctx;                  /* positions the caches can hold */
     int n_past;                 /* committed positions */
-    int n_slots;                /* recurrent state copies: 1 + the longest speculative batch */
-    int slot;                   /* slot holding the committed recurrent state */
+    int n_slots;                /* 1 + the longest speculative batch (sizes spec_rows; >1: ssm_last exists) */
+    int conv_at;                /* row of conv where the committed conv window starts */
     float *k_cache[MAX_LAYERS]; /* full-attention layers: [n_kv_head][n_ctx][head_dim]; head-major, so
                                  * that attention streams one head's keys from consecutive lines (with the
                                  * heads interleaved per position it took ~25% longer at head_dim 64) */
     float *v_cache[MAX_LAYERS]; /* same shape */
-    float *conv[MAX_LAYERS];    /* recurrent layers: [n_slots][conv_kernel-1][conv_dim] */
+    float *conv[MAX_LAYERS];    /* recurrent layers: [conv_kernel-1+UBATCH][conv_dim] conv inputs: the
+                                 * committed window (the last conv_kernel-1) from row conv_at, then a batch's */
     float *ssm[MAX_LAYERS];     /* recurrent layers: [n_v_heads][k_head_dim][v_head_dim], committed */
     float *spec_rows[MAX_LAYERS]; /* recurrent layers: [n_slots-1][spec_row_floats] the DeltaNet inputs of
                                    * a speculative batch's tokens after the first: q k v after conv and norms, decay, beta */
@@ -1129,15 +1130,14 @@ typedef struct {
     int mtp_n;                  /* teacher-forced MTP cache entries: positions 0..mtp_n-1 */
 } State;
 
-static size_t conv_slot_floats(const Config *c) { return (size_t)(c->conv_kernel - 1) * c->conv_dim; }
+static size_t conv_window_floats(const Config *c) { return (size_t)(c->conv_kernel - 1) * c->conv_dim; }
 static size_t ssm_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_head_dim * c->v_head_dim; }
 static size_t spec_row_floats(const Config *c) { return (size_t)c->conv_dim + 2 * (size_t)c->n_v_heads; }
 
-/* A recurrent layer's buffers sized by the slot count, zeroed: its conv-window
- * ring, the rows a speculative batch records and, once there can be one, the
- * state after it (state_init, state_grow_slots). */
-static void alloc_slot_buffers(State *s, const Config *c, int layer, int n_slots) {
-    s->conv[layer] = acalloc(n_slots * conv_slot_floats(c), sizeof(float));
+/* A recurrent layer's buffers sized by the longest speculative batch,
+ * zeroed: the rows it records and, once there can be one, the state after
+ * it (state_init, state_grow_slots). */
+static void alloc_spec_buffers(State *s, const Config *c, int layer, int n_slots) {
     s->spec_rows[layer] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
     if (n_slots > 1 && !s->ssm_last[layer]) s->ssm_last[layer] = acalloc(ssm_floats(c), sizeof(float));
 }
@@ -1149,7 +1149,8 @@ static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
     size_t kv = (size_t)n_ctx * c->n_kv_head * c->head_dim;
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
-            alloc_slot_buffers(s, c, l, n_slots);
+            alloc_spec_buffers(s, c, l, n_slots);
+            s->conv[l] = acalloc((size_t)(c->conv_kernel - 1 + UBATCH) * c->conv_dim, sizeof(float));
             s->ssm[l] = acalloc(ssm_floats(c), sizeof(float));
         } else {
             s->k_cache[l] = acalloc(kv, sizeof(float));
@@ -1194,7 +1195,6 @@ typedef struct {
     float *k, *v;               /* [UBATCH][n_kv_head*head_dim] */
     float *out;                 /* [UBATCH][dim] a sub-layer's output */
     float *ab;                  /* [UBATCH][2*n_v_heads] alpha/beta logits; also router logits [UBATCH][n_expert] */
-    float *conv_win;            /* [conv_kernel-1+UBATCH][conv_dim] */
     float *decay, *beta;        /* [UBATCH][n_v_heads] */
     float *att;                 /* [n_threads][KN_ATTN_MAX_Q][n_ctx] attention scores */
     float *ffn_a, *ffn_b;       /* [UBATCH][max ffn width] */
@@ -1233,7 +1233,6 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
     s->v = acalloc(B * c->n_kv_head * c->head_dim, sizeof(float));
     s->out = acalloc(B * c->dim, sizeof(float));
     s->ab = acalloc(B * max_sz(2 * (size_t)c->n_v_heads, (size_t)c->n_expert), sizeof(float));
-    s->conv_win = acalloc((c->conv_kernel - 1 + B) * (size_t)c->conv_dim, sizeof(float));
     s->decay = acalloc(B * c->n_v_heads, sizeof(float));
     s->beta = acalloc(B * c->n_v_heads, sizeof(float));
     s->att = acalloc((size_t)n_threads * KN_ATTN_MAX_Q * n_ctx, sizeof(float));
@@ -1254,7 +1253,7 @@ static void scratch_init(Scratch *s, const Config *c, int n_ctx, int n_threads) 
 }
 
 static void scratch_free(Scratch *s) {
-    float *bufs[] = {s->x, s->xn, s->proj, s->gate, s->mix, s->k, s->v, s->out, s->ab, s->conv_win, s->decay,
+    float *bufs[] = {s->x, s->xn, s->proj, s->gate, s->mix, s->k, s->v, s->out, s->ab, s->decay,
                      s->beta, s->att, s->ffn_a, s->ffn_b, s->moe_w, s->moe_x, s->moe_y, s->hidden, s->logits, s->mtp_in,
                      s->inv_freq, s->rope_cos, s->rope_sin};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) afree(bufs[i]);
@@ -1454,8 +1453,6 @@ static void l2norm_scaled(float *v, int n, float scale) {
     kn_scale(v, scale / sqrtf(ss + 1e-6f), n);
 }
 
-/* The slot token r of a batch leaves its conv window in. */
-static int conv_slot_out(const State *s, int r, int spec) { return spec ? (s->slot + r + 1) % s->n_slots : s->slot; }
 
 /* Per value head of token r: decay = exp(ssm_a * softplus(alpha + dt_bias)), beta = sigmoid(beta). */
 static void deltanet_gates(Engine *e, const Layer *L, int r) {
@@ -1480,10 +1477,10 @@ static void deltanet_gates(Engine *e, const Layer *L, int r) {
 typedef struct { Engine *e; const Layer *L; int layer, n, spec; } DeltaRowsJob;
 
 /* Token r of a batch, from its projections to the DeltaNet's inputs:
- * depthwise causal conv over its window of s.conv_win ([previous
- * conv_kernel-1 inputs, this batch]), SiLU, its window into its output
- * slot, the q/k L2 norms and the gates; a speculative token after the
- * first also records those inputs for a commit to replay.  Tokens are
+ * depthwise causal conv over its window of the layer's conv rows (the
+ * committed window, then the batch), SiLU, the q/k L2 norms and the gates;
+ * a speculative token after the first also records those inputs for a
+ * commit to replay.  Tokens are
  * independent here, so a batch's share out over the threads: run on the
  * main thread alone between pool jobs, this was ~6% of a 4-token verify. */
 static void deltanet_row(const DeltaRowsJob *j, int r) {
@@ -1492,12 +1489,9 @@ static void deltanet_row(const DeltaRowsJob *j, int r) {
     Scratch *s = &e->s;
     State *st = &e->st;
     int C = c->conv_dim, dk = c->k_head_dim, nv = c->n_v_heads;
-    size_t keep = conv_slot_floats(c);
     float *y = s->proj + (int64_t)r * C;
-    kn_causal_conv(y, s->conv_win + (int64_t)r * C, j->L->conv_taps, c->conv_kernel, C);
+    kn_causal_conv(y, st->conv[j->layer] + (int64_t)(st->conv_at + r) * C, j->L->conv_taps, c->conv_kernel, C);
     kn_swiglu(y, y, NULL, C);
-    if (j->spec || r == j->n - 1)
-        memcpy(st->conv[j->layer] + conv_slot_out(st, r, j->spec) * keep, s->conv_win + (int64_t)(r + 1) * C, keep * sizeof(float));
     for (int h = 0; h < c->n_k_heads; h++) {
         l2norm_scaled(y + h * dk, dk, 1.0f / sqrtf((float)dk));
         l2norm_scaled(y + (c->n_k_heads + h) * dk, dk, 1.0f);
@@ -1515,15 +1509,15 @@ static void deltanet_rows_worker(void *ctx, int ith, int nth) {
     for (int r = ith; r < ((const DeltaRowsJob *)ctx)->n; r += nth) deltanet_row(ctx, r);
 }
 
-/* The batch's DeltaNet inputs: its conv windows assembled, then each token
- * on its own (one token stays on this thread: a pool job would only add
- * its synchronisation). */
+/* The batch's DeltaNet inputs: its conv inputs after the committed window,
+ * then each token on its own (one token stays on this thread: a pool job
+ * would only add its synchronisation). */
 static void deltanet_inputs(Engine *e, const Layer *L, int layer, int n, int spec) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
-    size_t keep = conv_slot_floats(c);
-    memcpy(s->conv_win, e->st.conv[layer] + e->st.slot * keep, keep * sizeof(float));
-    memcpy(s->conv_win + keep, s->proj, (size_t)n * c->conv_dim * sizeof(float));
+    const State *st = &e->st;
+    memcpy(st->conv[layer] + (int64_t)(st->conv_at + c->conv_kernel - 1) * c->conv_dim, s->proj,
+           (size_t)n * c->conv_dim * sizeof(float));
     DeltaRowsJob job = {e, L, layer, n, spec};
     if (n > 1) pool_run(&e->pool, deltanet_rows_worker, &job);
     else deltanet_rows_worker(&job, 0, 1);
@@ -1642,6 +1636,18 @@ static void embed(Engine *e, const int32_t *tokens, int n, float *out) {
         kn_get_row(te->type, te->data, te->row_bytes, tokens[r], out + (int64_t)r * te->n_in, te->n_in);
 }
 
+/* Room in every recurrent layer's conv rows for n more after the committed
+ * window: when the rows run out, the window moves back to row 0 (one copy
+ * of conv_kernel-1 rows every ~UBATCH tokens, where each token used to
+ * copy its whole window into a slot). */
+static void conv_make_room(State *st, const Config *c, int n) {
+    if (st->conv_at + c->conv_kernel - 1 + n <= c->conv_kernel - 1 + UBATCH) return;
+    for (int l = 0; l < c->n_layer; l++)
+        if (c->recurrent[l])
+            memmove(st->conv[l], st->conv[l] + (int64_t)st->conv_at * c->conv_dim, conv_window_floats(c) * sizeof(float));
+    st->conv_at = 0;
+}
+
 /* Logits over the first n_vocab tokens for n rows of normed hidden state. */
 static void lm_head(Engine *e, const float *hidden, int n, float *logits, int n_vocab) {
     Mat head = mat_rows(&e->model->w.output, 0, n_vocab);
@@ -1658,6 +1664,7 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
     Scratch *s = &e->s;
     State *st = &e->st;
     int pos0 = st->n_past;
+    conv_make_room(st, c, n);
     embed(e, tokens, n, s->x);
     for (int l = 0; l < c->n_layer; l++)
         block(e, &m->w.layers[l], l, c->recurrent[l], st->k_cache[l], st->v_cache[l], n, pos0, spec);
@@ -1666,7 +1673,10 @@ static void forward(Engine *e, const int32_t *tokens, int n, int spec, int logit
         lm_head(e, s->hidden, n, s->logits, c->n_vocab);
     else if (logits == LOGITS_LAST)
         lm_head(e, s->hidden + (int64_t)(n - 1) * c->dim, 1, s->logits, c->n_vocab);
-    if (!spec) st->n_past += n;
+    if (!spec) {
+        st->n_past += n;
+        st->conv_at += n;
+    }
     st->spec_n = spec ? n : 0;
 }
 
@@ -1689,7 +1699,7 @@ static void commit_worker(void *ctx, int ith, int nth) {
 }
 
 /* Keep the first n_keep >= 1 tokens of the speculative batch forward() just
- * ran: their conv windows are in slots already, the first token's recurrent
+ * ran: their conv inputs are in the rows already, the first token's recurrent
  * update is in the state, and the others' are replayed from the recorded
  * inputs, unless the whole batch is kept: then the state after its last
  * token is there to take (a pointer swap per layer). */
@@ -1706,7 +1716,7 @@ static void state_commit(Engine *e, int n_keep) {
     else if (job.n_replay > 0)
         pool_run(&e->pool, commit_worker, &job);
     st->n_past += n_keep;
-    st->slot = (st->slot + n_keep) % st->n_slots;
+    st->conv_at += n_keep;
 }
 
 /* ==== MTP head ====
@@ -4216,28 +4226,23 @@ static void repl_forget(Gen *g) {
     const Config *c = &g->e->model->cfg;
     for (int l = 0; l < c->n_layer; l++)
         if (c->recurrent[l]) {
-            memset(st->conv[l], 0, st->n_slots * conv_slot_floats(c) * sizeof(float));
+            memset(st->conv[l], 0, conv_window_floats(c) * sizeof(float));
             memset(st->ssm[l], 0, ssm_floats(c) * sizeof(float));
         }
-    st->n_past = st->slot = st->mtp_n = 0;
+    st->n_past = st->conv_at = st->mtp_n = 0;
     g->n_toks = g->n_pend = 0;
 }
 
-/* Room for a longer speculative batch: more conv-window slots (the
- * committed one moved to slot 0) and rows to record its tokens in. */
+/* Room for a longer speculative batch: rows to record its tokens in (and
+ * the state after it, if there was no speculation before). */
 static void state_grow_slots(State *st, const Config *c, int n_slots) {
     if (n_slots <= st->n_slots) return;
-    size_t cs = conv_slot_floats(c);
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
-        float *old = st->conv[l];
         afree(st->spec_rows[l]);
-        alloc_slot_buffers(st, c, l, n_slots);
-        memcpy(st->conv[l], old + st->slot * cs, cs * sizeof(float));
-        afree(old);
+        alloc_spec_buffers(st, c, l, n_slots);
     }
     st->n_slots = n_slots;
-    st->slot = 0;
 }
 
 /* The counters /stats and the per-turn line show cover one turn. */
@@ -4400,7 +4405,7 @@ static SaveHeader save_header(const Repl *r) {
     h.n_pend = g->n_pend;
     h.dim = c->dim;
     h.kv_dim = c->n_kv_head * c->head_dim;
-    h.conv_floats = (int32_t)conv_slot_floats(c);
+    h.conv_floats = (int32_t)conv_window_floats(c);
     h.ssm_floats = (int32_t)ssm_floats(c);
     h.rng = g->smp->cfg.rng;
     snprintf(h.model_name, sizeof h.model_name, "%s", name ? name + 1 : r->o->model);
@@ -4425,11 +4430,11 @@ static int state_io(Repl *r, FILE *f, IoFn io, const SaveHeader *h) {
     Gen *g = r->g;
     State *st = &g->e->st;
     const Config *c = &r->model->cfg;
-    size_t cs = conv_slot_floats(c), ss = ssm_floats(c);
+    size_t cs = conv_window_floats(c), ss = ssm_floats(c);
     int err = io(f, g->toks, (size_t)h->n_toks * sizeof *g->toks);
     for (int l = 0; l < c->n_layer && !err; l++)
         if (c->recurrent[l])
-            err = io(f, st->conv[l] + st->slot * cs, cs * sizeof(float)) || io(f, st->ssm[l], ss * sizeof(float));
+            err = io(f, st->conv[l] + (size_t)st->conv_at * c->conv_dim, cs * sizeof(float)) || io(f, st->ssm[l], ss * sizeof(float));
         else
             err = cache_io(f, io, st->k_cache[l], c, st->n_ctx, h->n_past) || cache_io(f, io, st->v_cache[l], c, st->n_ctx, h->n_past);
     if (c->n_mtp && !err) err = cache_io(f, io, st->mtp_k, c, st->n_ctx, h->mtp_n) || cache_io(f, io, st->mtp_v, c, st->n_ctx, h->mtp_n);

@@ -147,7 +147,8 @@ static int states_equal(const Engine *a, const Engine *b) {
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
             if (memcmp(a->st.ssm[l], b->st.ssm[l], ssm_floats(c) * sizeof(float)) ||
-                memcmp(a->st.conv[l] + a->st.slot * conv_slot_floats(c), b->st.conv[l] + b->st.slot * conv_slot_floats(c), conv_slot_floats(c) * sizeof(float)))
+                memcmp(a->st.conv[l] + (size_t)a->st.conv_at * c->conv_dim, b->st.conv[l] + (size_t)b->st.conv_at * c->conv_dim,
+                       conv_window_floats(c) * sizeof(float)))
                 return 0;
         } else if (!caches_equal(a->st.k_cache[l], b->st.k_cache[l], c, a->st.n_ctx, a->st.n_past) ||
                    !caches_equal(a->st.v_cache[l], b->st.v_cache[l], c, a->st.n_ctx, a->st.n_past)) {
