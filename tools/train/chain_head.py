@@ -3,9 +3,9 @@
 
 mtp-gen chains drafts as the real checkpoints are used (vLLM, SGLang, llama.cpp): draft k > 1
 feeds the head its own post-`mtp.norm` output at the previous position as h, where training
-(train_mtp.py) only ever showed it the main model's hidden state.  Jointly trained, the head
-drafted the second and third tokens of a chain right 79-94% of the time against ~95% for the
-first.  This stage freezes the main model and trains only the head on
+(train_mtp.py) only ever showed it the main model's hidden state.  Jointly trained, its held-out
+loss was 3.92 on a chained step against 3.66 on a first one.  This stage freezes the main model
+and trains only the head on
 
   loss = CE(step 1 at i, t[i+2]) + CE(step 2 at i+1, t[i+3])
   step 1 at i:   the head on (h_i, t[i+1]) at position i, attending steps 1 at 0..i (as train_mtp.py)
