@@ -1112,7 +1112,7 @@ static void matmul_worker(void *ctx, int ith, int nth) {
 typedef struct {
     int n_ctx;                  /* positions the caches can hold */
     int n_past;                 /* committed positions */
-    int n_slots;                /* 1 + the longest speculative batch (sizes spec_rows; >1: ssm_last exists) */
+    int spec_max;               /* 1 + the longest speculative batch (sizes spec_rows; >1: ssm_last exists) */
     int conv_at;                /* row of conv where the committed conv window starts */
     float *k_cache[MAX_LAYERS]; /* full-attention layers: [n_kv_head][n_ctx][head_dim]; head-major, so
                                  * that attention streams one head's keys from consecutive lines (with the
@@ -1121,9 +1121,9 @@ typedef struct {
     float *conv[MAX_LAYERS];    /* recurrent layers: [conv_kernel-1+UBATCH][conv_dim] conv inputs: the
                                  * committed window (the last conv_kernel-1) from row conv_at, then a batch's */
     float *ssm[MAX_LAYERS];     /* recurrent layers: [n_v_heads][k_head_dim][v_head_dim], committed */
-    float *spec_rows[MAX_LAYERS]; /* recurrent layers: [n_slots-1][spec_row_floats] the DeltaNet inputs of
+    float *spec_rows[MAX_LAYERS]; /* recurrent layers: [spec_max-1][spec_row_floats] the DeltaNet inputs of
                                    * a speculative batch's tokens after the first: q k v after conv and norms, decay, beta */
-    float *ssm_last[MAX_LAYERS]; /* recurrent layers, once n_slots > 1: shaped as ssm, the state after a
+    float *ssm_last[MAX_LAYERS]; /* recurrent layers, once spec_max > 1: shaped as ssm, the state after a
                                   * speculative batch's last token, which keeping the whole batch adopts */
     int spec_n;                 /* tokens in the speculative batch forward() ran last */
     float *mtp_k, *mtp_v;       /* the MTP block's own cache: [n_kv_head][n_ctx][head_dim] */
@@ -1131,25 +1131,27 @@ typedef struct {
 } State;
 
 static size_t conv_window_floats(const Config *c) { return (size_t)(c->conv_kernel - 1) * c->conv_dim; }
+/* The committed conv window of recurrent layer l: its rows from conv_at. */
+static float *conv_window(const State *st, const Config *c, int l) { return st->conv[l] + (size_t)st->conv_at * c->conv_dim; }
 static size_t ssm_floats(const Config *c) { return (size_t)c->n_v_heads * c->k_head_dim * c->v_head_dim; }
 static size_t spec_row_floats(const Config *c) { return (size_t)c->conv_dim + 2 * (size_t)c->n_v_heads; }
 
 /* A recurrent layer's buffers sized by the longest speculative batch,
  * zeroed: the rows it records and, once there can be one, the state after
- * it (state_init, state_grow_slots). */
-static void alloc_spec_buffers(State *s, const Config *c, int layer, int n_slots) {
-    s->spec_rows[layer] = acalloc((n_slots - 1) * spec_row_floats(c), sizeof(float));
-    if (n_slots > 1 && !s->ssm_last[layer]) s->ssm_last[layer] = acalloc(ssm_floats(c), sizeof(float));
+ * it (state_init, state_grow_spec). */
+static void alloc_spec_buffers(State *s, const Config *c, int layer, int spec_max) {
+    s->spec_rows[layer] = acalloc((spec_max - 1) * spec_row_floats(c), sizeof(float));
+    if (spec_max > 1 && !s->ssm_last[layer]) s->ssm_last[layer] = acalloc(ssm_floats(c), sizeof(float));
 }
 
-static void state_init(State *s, const Config *c, int n_ctx, int n_slots) {
+static void state_init(State *s, const Config *c, int n_ctx, int spec_max) {
     memset(s, 0, sizeof *s);
     s->n_ctx = n_ctx;
-    s->n_slots = n_slots;
+    s->spec_max = spec_max;
     size_t kv = (size_t)n_ctx * c->n_kv_head * c->head_dim;
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
-            alloc_spec_buffers(s, c, l, n_slots);
+            alloc_spec_buffers(s, c, l, spec_max);
             s->conv[l] = acalloc((size_t)(c->conv_kernel - 1 + UBATCH) * c->conv_dim, sizeof(float));
             s->ssm[l] = acalloc(ssm_floats(c), sizeof(float));
         } else {
@@ -1453,7 +1455,6 @@ static void l2norm_scaled(float *v, int n, float scale) {
     kn_scale(v, scale / sqrtf(ss + 1e-6f), n);
 }
 
-
 /* Per value head of token r: decay = exp(ssm_a * softplus(alpha + dt_bias)), beta = sigmoid(beta). */
 static void deltanet_gates(Engine *e, const Layer *L, int r) {
     const Config *c = &e->model->cfg;
@@ -1480,9 +1481,9 @@ typedef struct { Engine *e; const Layer *L; int layer, n, spec; } DeltaRowsJob;
  * depthwise causal conv over its window of the layer's conv rows (the
  * committed window, then the batch), SiLU, the q/k L2 norms and the gates;
  * a speculative token after the first also records those inputs for a
- * commit to replay.  Tokens are
- * independent here, so a batch's share out over the threads: run on the
- * main thread alone between pool jobs, this was ~6% of a 4-token verify. */
+ * commit to replay.  Tokens are independent here, so a batch's share out
+ * over the threads: run on the main thread alone between pool jobs, this
+ * was ~6% of a 4-token verify. */
 static void deltanet_row(const DeltaRowsJob *j, int r) {
     Engine *e = j->e;
     const Config *c = &e->model->cfg;
@@ -1490,7 +1491,7 @@ static void deltanet_row(const DeltaRowsJob *j, int r) {
     State *st = &e->st;
     int C = c->conv_dim, dk = c->k_head_dim, nv = c->n_v_heads;
     float *y = s->proj + (int64_t)r * C;
-    kn_causal_conv(y, st->conv[j->layer] + (int64_t)(st->conv_at + r) * C, j->L->conv_taps, c->conv_kernel, C);
+    kn_causal_conv(y, conv_window(st, c, j->layer) + (int64_t)r * C, j->L->conv_taps, c->conv_kernel, C);
     kn_swiglu(y, y, NULL, C);
     for (int h = 0; h < c->n_k_heads; h++) {
         l2norm_scaled(y + h * dk, dk, 1.0f / sqrtf((float)dk));
@@ -1515,9 +1516,7 @@ static void deltanet_rows_worker(void *ctx, int ith, int nth) {
 static void deltanet_inputs(Engine *e, const Layer *L, int layer, int n, int spec) {
     const Config *c = &e->model->cfg;
     Scratch *s = &e->s;
-    const State *st = &e->st;
-    memcpy(st->conv[layer] + (int64_t)(st->conv_at + c->conv_kernel - 1) * c->conv_dim, s->proj,
-           (size_t)n * c->conv_dim * sizeof(float));
+    memcpy(conv_window(&e->st, c, layer) + conv_window_floats(c), s->proj, (size_t)n * c->conv_dim * sizeof(float));
     DeltaRowsJob job = {e, L, layer, n, spec};
     if (n > 1) pool_run(&e->pool, deltanet_rows_worker, &job);
     else deltanet_rows_worker(&job, 0, 1);
@@ -1641,10 +1640,9 @@ static void embed(Engine *e, const int32_t *tokens, int n, float *out) {
  * of conv_kernel-1 rows every ~UBATCH tokens, where each token used to
  * copy its whole window into a slot). */
 static void conv_make_room(State *st, const Config *c, int n) {
-    if (st->conv_at + c->conv_kernel - 1 + n <= c->conv_kernel - 1 + UBATCH) return;
+    if (st->conv_at + n <= UBATCH) return;
     for (int l = 0; l < c->n_layer; l++)
-        if (c->recurrent[l])
-            memmove(st->conv[l], st->conv[l] + (int64_t)st->conv_at * c->conv_dim, conv_window_floats(c) * sizeof(float));
+        if (c->recurrent[l]) memmove(st->conv[l], conv_window(st, c, l), conv_window_floats(c) * sizeof(float));
     st->conv_at = 0;
 }
 
@@ -4235,14 +4233,14 @@ static void repl_forget(Gen *g) {
 
 /* Room for a longer speculative batch: rows to record its tokens in (and
  * the state after it, if there was no speculation before). */
-static void state_grow_slots(State *st, const Config *c, int n_slots) {
-    if (n_slots <= st->n_slots) return;
+static void state_grow_spec(State *st, const Config *c, int spec_max) {
+    if (spec_max <= st->spec_max) return;
     for (int l = 0; l < c->n_layer; l++) {
         if (!c->recurrent[l]) continue;
         afree(st->spec_rows[l]);
-        alloc_spec_buffers(st, c, l, n_slots);
+        alloc_spec_buffers(st, c, l, spec_max);
     }
-    st->n_slots = n_slots;
+    st->spec_max = spec_max;
 }
 
 /* The counters /stats and the per-turn line show cover one turn. */
@@ -4434,7 +4432,7 @@ static int state_io(Repl *r, FILE *f, IoFn io, const SaveHeader *h) {
     int err = io(f, g->toks, (size_t)h->n_toks * sizeof *g->toks);
     for (int l = 0; l < c->n_layer && !err; l++)
         if (c->recurrent[l])
-            err = io(f, st->conv[l] + (size_t)st->conv_at * c->conv_dim, cs * sizeof(float)) || io(f, st->ssm[l], ss * sizeof(float));
+            err = io(f, conv_window(st, c, l), cs * sizeof(float)) || io(f, st->ssm[l], ss * sizeof(float));
         else
             err = cache_io(f, io, st->k_cache[l], c, st->n_ctx, h->n_past) || cache_io(f, io, st->v_cache[l], c, st->n_ctx, h->n_past);
     if (c->n_mtp && !err) err = cache_io(f, io, st->mtp_k, c, st->n_ctx, h->mtp_n) || cache_io(f, io, st->mtp_v, c, st->n_ctx, h->mtp_n);
@@ -4580,7 +4578,7 @@ static void repl_mtp(Repl *r, const char *arg) {
         spec.n_draft = strcmp(arg, "off") ? (int)k : 0, spec.adaptive = 0;
     else if (*arg)
         fprintf(stderr, "usage: /mtp on|off|N with N in 0..%d\n", MAX_DRAFT);
-    state_grow_slots(&g->e->st, &r->model->cfg, spec.n_draft + 2);
+    state_grow_spec(&g->e->st, &r->model->cfg, spec.n_draft + 2);
     g->spec = spec;
     if (spec.n_draft)
         fprintf(stderr, "[mtp on: %s%d draft%s per step]\n", spec.adaptive ? "adaptive, up to " : "", spec.n_draft, spec.n_draft == 1 ? "" : "s");

@@ -119,11 +119,11 @@ static void test_prompt(int32_t *prompt, int n, int n_vocab) {
     for (int i = 0; i < n; i++) prompt[i] = (i * 97 + 13) % n_vocab;
 }
 
-static void engine_open(Engine *e, Model *m, int n_ctx, int n_slots) {
+static void engine_open(Engine *e, Model *m, int n_ctx, int spec_max) {
     memset(e, 0, sizeof *e);
     e->model = m;
     pool_init(&e->pool, 2);
-    state_init(&e->st, &m->cfg, n_ctx, n_slots);
+    state_init(&e->st, &m->cfg, n_ctx, spec_max);
     scratch_init(&e->s, &m->cfg, n_ctx, 2);
 }
 
@@ -147,8 +147,7 @@ static int states_equal(const Engine *a, const Engine *b) {
     for (int l = 0; l < c->n_layer; l++) {
         if (c->recurrent[l]) {
             if (memcmp(a->st.ssm[l], b->st.ssm[l], ssm_floats(c) * sizeof(float)) ||
-                memcmp(a->st.conv[l] + (size_t)a->st.conv_at * c->conv_dim, b->st.conv[l] + (size_t)b->st.conv_at * c->conv_dim,
-                       conv_window_floats(c) * sizeof(float)))
+                memcmp(conv_window(&a->st, c, l), conv_window(&b->st, c, l), conv_window_floats(c) * sizeof(float)))
                 return 0;
         } else if (!caches_equal(a->st.k_cache[l], b->st.k_cache[l], c, a->st.n_ctx, a->st.n_past) ||
                    !caches_equal(a->st.v_cache[l], b->st.v_cache[l], c, a->st.n_ctx, a->st.n_past)) {
