@@ -197,6 +197,8 @@ int kn_pack_type(int type)
 {
 #if defined(KN_ISA_AVX512) && defined(__AVX512VNNI__)
     if (type == KN_Q8_0 || type == KN_Q4_K || type == KN_Q6_K) return 0x100 + type;
+#elif defined(KN_ISA_AVX2)
+    if (type == KN_Q8_0) return KN_Q8_0_X16;
 #endif
     return type;
 }
