@@ -326,11 +326,10 @@ KN_INLINE void float_row(const uint8_t *w, int64_t n, const kn_arow *a, float *o
  * Lane l of a vector is output row l (or 8 + l) of the group: four weights
  * of each of eight rows meet four activation bytes broadcast to all lanes,
  * so a block needs no horizontal sums (the unpacked kernel's fold4 was a
- * third of its instructions per activation row).  The layout is the one
- * the AVX-512 VNNI build packs, weights stored + 128; vpmaddubsw would
- * saturate on those, so each weight vector goes back to signed and to |w|
- * once per block and then serves every activation row as |w| against
- * sign(x, w), as in legacy_row. */
+ * third of its instructions per activation row).  Each weight vector gives
+ * |w| once and then serves every activation row as |w| against sign(x, w),
+ * as in legacy_row. */
+#if KN_X16_Q8_0_BIAS == 0
 KN_INLINE void q8_0x16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m256 acc[][2], int NR)
 {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -342,7 +341,7 @@ KN_INLINE void q8_0x16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m2
             __m256i s[KN_MAX_ROWS];
             KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm256_setzero_si256();
             for (int k = 0; k < KN_QK / 4; k++) {
-                __m256i q = _mm256_xor_si256(load32(wh + 4 * KN_PACK_ROWS * k), bytes(0x80)), u = _mm256_sign_epi8(q, q);
+                __m256i q = load32(wh + 4 * KN_PACK_ROWS * k), u = _mm256_sign_epi8(q, q);
                 KN_UNROLL for (int r = 0; r < NR; r++) {
                     __m256i x = _mm256_set1_epi32((int)kn_rd32((const uint8_t *)a[r].q + b * KN_QK + 4 * k));
                     s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(x, q)), ones));
@@ -387,6 +386,7 @@ typedef void (*x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t 
 X16_FN(1) X16_FN(2) X16_FN(3) X16_FN(4) X16_FN(5) X16_FN(6) X16_FN(7) X16_FN(8)
 static const x16_fn x16_q8_0[KN_MAX_ROWS] = {x16_q8_0_1, x16_q8_0_2, x16_q8_0_3, x16_q8_0_4,
                                              x16_q8_0_5, x16_q8_0_6, x16_q8_0_7, x16_q8_0_8};
+#endif
 
 /* ==== Instantiation per format and row count ==== */
 
@@ -423,12 +423,14 @@ static const kn_row_fn *rows_for(int t)
 void kn_avx2_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64_t i0, int64_t i1,
                     const void *act, size_t act_stride, int nr, float *y, int64_t y_stride)
 {
+#if KN_X16_Q8_0_BIAS == 0
     if (wtype == KN_Q8_0_X16) {
         kn_arow a[KN_MAX_ROWS];
         kn_act_rows(act, act_stride, n_in, nr, a);
         x16_q8_0[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
         return;
     }
+#endif
     kn_matmul_rows(rows_for(wtype), w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
 }
 

@@ -103,11 +103,20 @@ static inline void kn_k4_scales(const uint8_t *s12, uint8_t sc[8], uint8_t mn[8]
 /* KN_Q8_0_X16 (kernels.h, packed weights): per group of 16 rows, per
  * 32-element block, KN_X16_BLOCK bytes:
  *   f16 d[16] (row l's block scale) | 8 chunks of 64 bytes: bytes 4l..4l+3 of
- *   chunk k are elements 4k..4k+3 of row l, plus 128.
- * Stored unsigned so that VNNI's vpdpbusd can take the weights as its
- * unsigned operand and the int8 activations as the signed one; the
- * activation block sums (s below) take the 128 back out.  Padding rows
- * have d = 0 and bytes 128. */
+ *   chunk k are elements 4k..4k+3 of row l, plus KN_X16_Q8_0_BIAS.
+ * The VNNI build stores them + 128, unsigned, so that vpdpbusd can take
+ * the weights as its unsigned operand and the int8 activations as the
+ * signed one; the activation block sums (s below) take the 128 back out.
+ * The AVX2 build packs them as they are: its vpmaddubsw would saturate on
+ * the unsigned form, so it goes by |w| and sign(x, w) and would only have
+ * to undo the bias.  The layout exists only in memory, so each build has
+ * the encoding its kernels read fastest.  Padding rows have d = 0 and
+ * weights 0. */
+#if defined(KN_ISA_AVX512) && defined(__AVX512VNNI__)
+#  define KN_X16_Q8_0_BIAS 128
+#else
+#  define KN_X16_Q8_0_BIAS 0
+#endif
 #define KN_X16_BLOCK (2 * KN_PACK_ROWS + KN_PACK_ROWS * KN_QK)   /* = 16 * KN_Q8_0_BYTES */
 
 /* KN_Q4_K_X16: per group of 16 rows, per super-block, KN_Q4_K_X16_BLOCK

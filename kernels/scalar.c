@@ -282,7 +282,7 @@ static void q6_xyz(const uint8_t *in, uint8_t *out, int to_xyz)
 KN_INLINE void x16_form(int type, const uint8_t *in, uint8_t *out, int to_form)
 {
     memcpy(out, in, kn_block_bytes(type));
-    if (type == KN_Q8_0)                /* +128 on a byte is flipping its top bit */
+    if (type == KN_Q8_0 && KN_X16_Q8_0_BIAS)   /* +128 on a byte is flipping its top bit */
         for (int k = 0; k < KN_QK / 4; k++) {
             uint32_t v = kn_rd32(in + 2 + 4 * k) ^ 0x80808080u;
             memcpy(out + 2 + 4 * k, &v, 4);
