@@ -48,9 +48,13 @@ test_units$(SUFFIX): tests/test_units.c mtp.c $(KERNEL_SRC) $(HDRS)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -Wno-unused-function -o $@ tests/test_units.c $(KERNEL_SRC) $(LDFLAGS) $(LDLIBS)
 
 ASAN_FLAGS := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all
-# the AVX-512 kernels on a CPU without AVX-512: their intrinsics emulated in C (kernels/avx512_emu.h)
+# the AVX-512 kernels on a CPU without AVX-512: their intrinsics emulated in C (kernels/avx512_emu.h);
+# -vnni also emulates VNNI, which switches on the packed sixteen-row layouts
+EMU512 := $(CC) -O1 -march=native -w -Wno-psabi -include kernels/avx512_emu.h
 test_kernels-emu512: tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
-	$(CC) -O1 -march=native -w -Wno-psabi -include kernels/avx512_emu.h -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDLIBS)
+	$(EMU512) -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDLIBS)
+test_kernels-emu512-vnni: tests/test_kernels.c $(KERNEL_SRC) $(HDRS)
+	$(EMU512) -DEMU_VNNI -o $@ tests/test_kernels.c $(KERNEL_SRC) $(LDLIBS)
 
 asan:
 	$(MAKE) mtp-gen-asan mtp-convert-asan test_kernels-asan test_units-asan SUFFIX=-asan CFLAGS="$(ASAN_FLAGS)"

@@ -2,9 +2,9 @@
 # The whole suite, as CI runs it: the native build, the same tests under
 # AddressSanitizer + UBSan, the NEON kernels built with the aarch64 cross
 # compiler and run under qemu-user, the AVX-512 kernels under intrinsic
-# emulation, the AVX2 build on an AVX-512 machine, and each fuzz harness for
-# a bounded time.  Ends with one "N passed, N failed" line that adds up
-# every part.
+# emulation (with VNNI too, on a CPU without it), the AVX2 build on an
+# AVX-512 machine, and each fuzz harness for a bounded time.  Ends with one
+# "N passed, N failed" line that adds up every part.
 cd "$(dirname "$0")/.." || exit 1
 total_pass=0
 total_fail=0
@@ -30,6 +30,15 @@ if make -s test_kernels-emu512 >/dev/null; then
     part avx512-emulated ./test_kernels-emu512
 else
     echo "avx512-emulated build failed"; total_fail=$((total_fail + 1))
+fi
+# The VNNI kernels (the packed layouts an AVX-512 VNNI CPU runs) on a CPU
+# without VNNI, which the native part then never reaches.
+if ! cc -march=native -dM -E - </dev/null | grep -q __AVX512VNNI__; then
+    if make -s test_kernels-emu512-vnni >/dev/null; then
+        part avx512-vnni-emulated ./test_kernels-emu512-vnni
+    else
+        echo "avx512-vnni-emulated build failed"; total_fail=$((total_fail + 1))
+    fi
 fi
 # On an AVX-512 machine the native build runs the AVX-512 kernels; the AVX2
 # ones, which most x86 CPUs run, get a build and a quick pass of their own.

@@ -222,10 +222,12 @@ typedef struct {
 /* fill < 0: random weights and activations.  Otherwise every weight byte
  * is fill (bar the scale halves) and activation row r is the constant
  * +-(r+1), which quantises to +-127 throughout: the largest sums the
- * integer kernels can meet. */
-static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out, int fill)
+ * integer kernels can meet.  packed: the layout this build packs the type
+ * into, as the model does when it copies the weights; else the weights as
+ * stored, as the model reads them when they stay mapped. */
+static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out, int fill, int packed)
 {
-    c->type = type, c->ptype = kn_pack_type(type), c->n_in = n_in, c->n_out = n_out;
+    c->type = type, c->ptype = packed ? kn_pack_type(type) : type, c->n_in = n_in, c->n_out = n_out;
     c->rb = kn_row_bytes(type, n_in);
     c->ab = kn_act_row_bytes(c->ptype, n_in) + 64;  /* a stride bigger than needed */
     c->w = xalloc(c->rb * (size_t)n_out);
@@ -233,7 +235,8 @@ static void mm_setup(mm_case *c, int type, int64_t n_in, int64_t n_out, int fill
     c->x = xalloc(sizeof(float) * (size_t)(n_in * KN_MAX_ROWS));
     rand_weights(type, c->w, n_out, n_in, fill);
     c->pw = xalloc(kn_pack_bytes(type, n_out, n_in));
-    kn_pack(type, c->w, c->rb, n_out, n_in, c->pw);
+    if (c->ptype != type) kn_pack(type, c->w, c->rb, n_out, n_in, c->pw);
+    else memcpy(c->pw, c->w, c->rb * (size_t)n_out);
     for (int r = 0; r < KN_MAX_ROWS; r++) {
         float *x = c->x + r * n_in;
         rand_acts(x, n_in);
@@ -362,55 +365,65 @@ static void test_act_prepare(void)
     report(same, "kn_act_prepare writes kn_ref_act_prepare's bytes (%d rows over 5 formats, with zeros, -0, denormals, huge values, .5 ties)", rows);
 }
 
-static void test_matmul(void)
+/* One weight format in one layout (packed: see mm_setup): accuracy against
+ * the reference, bit identity across nr and slices, packed rows reading
+ * back, and the integer extremes. */
+static void test_matmul_layout(int t, int packed)
 {
     static const int64_t n_outs[] = {1, 7, 33, 130};
-    for (int ti = 0; ti < N_TYPES; ti++) {
-        int t = all_types[ti];
-        int64_t bs = kn_block_elems(t) == 1 ? 8 : kn_block_elems(t);
-        int64_t n_ins[] = {bs == 8 ? 7 : bs, 2 * bs, 3 * bs + (bs == 8 ? 5 : 0), 2 * 256 + 3 * bs, 1024};
-        double worst = 0.0, rms = 0.0;
-        int det = 1, cases = 0, packed_rows = 1;
-        for (size_t a = 0; a < sizeof n_ins / sizeof n_ins[0]; a++)
-            for (size_t b = 0; b < sizeof n_outs / sizeof n_outs[0]; b++) {
-                if (n_ins[a] % kn_block_elems(t)) continue;
-                mm_case c;
-                mm_setup(&c, t, n_ins[a], n_outs[b], -1);
-                float *y8 = xalloc(sizeof(float) * (size_t)(c.n_out * KN_MAX_ROWS));
-                mm_run(&c, 0, KN_MAX_ROWS, 0, c.n_out, y8);
-                double rr, wr = mm_accuracy(&c, y8, &rr);
-                if (!(wr <= worst)) worst = wr;
-                if (rr > rms) rms = rr;
-                det &= mm_deterministic(&c, y8);
-                packed_rows &= mm_packed_rows(&c);
-                cases++;
-                free(y8);
-                mm_free(&c);
-            }
-        report(worst <= 1.0, "matmul %-5s vs reference, %d shapes x 8 rows: worst err/tol %.3f, rel rms err %.1e",
-               kn_type_name(t), cases, worst, rms);
-        report(det, "matmul %-5s bit-identical for nr 1..8 and ragged row slices", kn_type_name(t));
-        if (kn_pack_type(t) != t)
-            report(packed_rows, "matmul %-5s packed as %s: every row reads back exactly", kn_type_name(t),
-                   kn_type_name(kn_pack_type(t)));
-        if (!is_quant(t)) continue;
-        /* all quants at a bit pattern's extreme (0xff: q4_K/q5_K scales,
-         * mins and quants at their maximum, q6_K's q at 63; 0x80: q8_0 at
-         * -128) against activations at +-127: overflow or saturation in an
-         * integer dot shows here, where random bytes never get near it */
-        worst = 0.0;
-        for (int fill = 0x80; fill <= 0xff; fill += 0x7f) {
+    int64_t bs = kn_block_elems(t) == 1 ? 8 : kn_block_elems(t);
+    int64_t n_ins[] = {bs == 8 ? 7 : bs, 2 * bs, 3 * bs + (bs == 8 ? 5 : 0), 2 * 256 + 3 * bs, 1024};
+    char name[32];
+    snprintf(name, sizeof name, "%s%s", kn_type_name(t), packed || kn_pack_type(t) == t ? "" : " as stored");
+    double worst = 0.0, rms = 0.0;
+    int det = 1, cases = 0, packed_rows = 1;
+    for (size_t a = 0; a < sizeof n_ins / sizeof n_ins[0]; a++)
+        for (size_t b = 0; b < sizeof n_outs / sizeof n_outs[0]; b++) {
+            if (n_ins[a] % kn_block_elems(t)) continue;
             mm_case c;
-            mm_setup(&c, t, 1024, 33, fill);
+            mm_setup(&c, t, n_ins[a], n_outs[b], -1, packed);
             float *y8 = xalloc(sizeof(float) * (size_t)(c.n_out * KN_MAX_ROWS));
             mm_run(&c, 0, KN_MAX_ROWS, 0, c.n_out, y8);
             double rr, wr = mm_accuracy(&c, y8, &rr);
             if (!(wr <= worst)) worst = wr;
+            if (rr > rms) rms = rr;
+            det &= mm_deterministic(&c, y8);
+            packed_rows &= mm_packed_rows(&c);
+            cases++;
             free(y8);
             mm_free(&c);
         }
-        report(worst <= 1.0, "matmul %-5s all weight bytes 0x80 or 0xff, activations +-127: worst err/tol %.3f",
-               kn_type_name(t), worst);
+    report(worst <= 1.0, "matmul %-5s vs reference, %d shapes x 8 rows: worst err/tol %.3f, rel rms err %.1e",
+           name, cases, worst, rms);
+    report(det, "matmul %-5s bit-identical for nr 1..8 and ragged row slices", name);
+    if (packed && kn_pack_type(t) != t)
+        report(packed_rows, "matmul %-5s packed as %s: every row reads back exactly", name, kn_type_name(kn_pack_type(t)));
+    if (!is_quant(t)) return;
+    /* all quants at a bit pattern's extreme (0xff: q4_K/q5_K scales,
+     * mins and quants at their maximum, q6_K's q at 63; 0x80: q8_0 at
+     * -128) against activations at +-127: overflow or saturation in an
+     * integer dot shows here, where random bytes never get near it */
+    worst = 0.0;
+    for (int fill = 0x80; fill <= 0xff; fill += 0x7f) {
+        mm_case c;
+        mm_setup(&c, t, 1024, 33, fill, packed);
+        float *y8 = xalloc(sizeof(float) * (size_t)(c.n_out * KN_MAX_ROWS));
+        mm_run(&c, 0, KN_MAX_ROWS, 0, c.n_out, y8);
+        double rr, wr = mm_accuracy(&c, y8, &rr);
+        if (!(wr <= worst)) worst = wr;
+        free(y8);
+        mm_free(&c);
+    }
+    report(worst <= 1.0, "matmul %-5s all weight bytes 0x80 or 0xff, activations +-127: worst err/tol %.3f", name, worst);
+}
+
+/* Formats this build packs are checked in both layouts: the model reads
+ * them as stored when it cannot copy the weights (more than half the RAM). */
+static void test_matmul(void)
+{
+    for (int ti = 0; ti < N_TYPES; ti++) {
+        test_matmul_layout(all_types[ti], 1);
+        if (kn_pack_type(all_types[ti]) != all_types[ti]) test_matmul_layout(all_types[ti], 0);
     }
 }
 
@@ -809,7 +822,7 @@ static void bench(int nthreads)
     for (int ti = 0; ti < N_TYPES; ti++)
         for (size_t s = 0; s < 2; s++) {
             mm_case c;
-            mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0], -1);
+            mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0], -1, 1);
             size_t mb = kn_pack_bytes(c.type, c.n_out, c.n_in);
             int copies = (int)((256u << 20) / mb + 1);
             uint8_t *wbase = xalloc(mb * (size_t)copies);
