@@ -378,14 +378,7 @@ KN_INLINE void q8_0x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int
     }
 }
 
-typedef void (*x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
-                       const kn_arow *a, float *y, int64_t y_stride);
-#define X16_FN(nr) \
-    static void x16_q8_0_##nr(const uint8_t *w, size_t rb, int64_t n, int64_t i0, int64_t i1, const kn_arow *a, \
-                              float *y, int64_t ys) { q8_0x16_rows(w, rb, n, i0, i1, a, y, ys, nr); }
-X16_FN(1) X16_FN(2) X16_FN(3) X16_FN(4) X16_FN(5) X16_FN(6) X16_FN(7) X16_FN(8)
-static const x16_fn x16_q8_0[KN_MAX_ROWS] = {x16_q8_0_1, x16_q8_0_2, x16_q8_0_3, x16_q8_0_4,
-                                             x16_q8_0_5, x16_q8_0_6, x16_q8_0_7, x16_q8_0_8};
+KN_X16_FNS(x16_q8_0, q8_0x16_rows,)
 #endif
 
 /* ==== Instantiation per format and row count ==== */
@@ -425,9 +418,7 @@ void kn_avx2_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, 
 {
 #if KN_X16_Q8_0_BIAS == 0
     if (wtype == KN_Q8_0_X16) {
-        kn_arow a[KN_MAX_ROWS];
-        kn_act_rows(act, act_stride, n_in, nr, a);
-        x16_q8_0[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
+        kn_matmul_x16(x16_q8_0, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
         return;
     }
 #endif

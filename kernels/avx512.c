@@ -273,8 +273,8 @@ KN_INLINE void q6kx16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m51
     }
 }
 
-KN_INLINE void x16_rows(int t, const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
-                        const kn_arow *a, float *y, int64_t y_stride, int NR)
+KN_INLINE void x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
+                        const kn_arow *a, float *y, int64_t y_stride, int t, int NR)
 {
     for (int64_t i = i0; i < i1; i += KN_PACK_ROWS) {
         __m512 acc[KN_MAX_ROWS];
@@ -287,21 +287,11 @@ KN_INLINE void x16_rows(int t, const uint8_t *w, size_t w_row_bytes, int64_t n, 
     }
 }
 
-typedef void (*x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
-                       const kn_arow *a, float *y, int64_t y_stride);
-#define X16_FN(name, t, nr) \
-    static void name##_##nr(const uint8_t *w, size_t rb, int64_t n, int64_t i0, int64_t i1, const kn_arow *a, \
-                            float *y, int64_t ys) { x16_rows(t, w, rb, n, i0, i1, a, y, ys, nr); }
-#define X16_FNS(name, t)                                                                                      \
-    X16_FN(name, t, 1) X16_FN(name, t, 2) X16_FN(name, t, 3) X16_FN(name, t, 4)                                \
-    X16_FN(name, t, 5) X16_FN(name, t, 6) X16_FN(name, t, 7) X16_FN(name, t, 8)                                \
-    static const x16_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, name##_5, name##_6,      \
-                                             name##_7, name##_8};
-X16_FNS(x16_q8_0, KN_Q8_0_X16)
-X16_FNS(x16_q4_K, KN_Q4_K_X16)
-X16_FNS(x16_q6_K, KN_Q6_K_X16)
+KN_X16_FNS(x16_q8_0, x16_rows, KN_Q8_0_X16,)
+KN_X16_FNS(x16_q4_K, x16_rows, KN_Q4_K_X16,)
+KN_X16_FNS(x16_q6_K, x16_rows, KN_Q6_K_X16,)
 
-static const x16_fn *x16_for(int t)
+static const kn_x16_fn *x16_for(int t)
 {
     switch (t) {
     case KN_Q8_0_X16: return x16_q8_0;
@@ -464,11 +454,9 @@ void kn_matmul(int wtype, const void *w, size_t w_row_bytes, int64_t n_in, int64
 {
     const kn_row_fn *fns = rows_for(wtype);
 #ifdef __AVX512VNNI__
-    const x16_fn *x16 = x16_for(wtype);
+    const kn_x16_fn *x16 = x16_for(wtype);
     if (x16) {
-        kn_arow a[KN_MAX_ROWS];
-        kn_act_rows(act, act_stride, n_in, nr, a);
-        x16[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
+        kn_matmul_x16(x16, w, w_row_bytes, n_in, i0, i1, act, act_stride, nr, y, y_stride);
         return;
     }
 #endif

@@ -231,6 +231,28 @@ typedef void (*kn_row_fn)(const uint8_t *w, int64_t n, const kn_arow *a, float *
     static const kn_row_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
                                                 name##_5, name##_6, name##_7, name##_8};
 
+/* Packed matrices (KN_*_X16) go a group of KN_PACK_ROWS rows at a time, so
+ * their kernels take the whole slice [i0, i1) (which starts on a group);
+ * KN_X16_FNS instantiates them per NR as KN_ROW_FNS does the row kernels,
+ * and kn_matmul_x16 calls one. */
+typedef void (*kn_x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t i0, int64_t i1,
+                          const kn_arow *a, float *y, int64_t y_stride);
+
+#define KN_X16_FN(name, call, nr)                                                                       \
+    static void name##_##nr(const uint8_t *w, size_t rb, int64_t n, int64_t i0, int64_t i1, const kn_arow *a, \
+                            float *y, int64_t ys) { call; }
+#define KN_X16_FNS(name, kernel, ...)                                                   \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 1), 1)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 2), 2)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 3), 3)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 4), 4)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 5), 5)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 6), 6)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 7), 7)               \
+    KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 8), 8)               \
+    static const kn_x16_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
+                                                name##_5, name##_6, name##_7, name##_8};
+
 static inline void kn_act_rows(const void *act, size_t act_stride, int64_t n_in, int nr, kn_arow *a)
 {
     for (int r = 0; r < nr; r++) {
@@ -251,6 +273,15 @@ static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_
         fns[nr - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a, o);
         for (int r = 0; r < nr; r++) y[(size_t)r * y_stride + i] = o[r];
     }
+}
+
+static inline void kn_matmul_x16(const kn_x16_fn *fns, const void *w, size_t w_row_bytes, int64_t n_in,
+                                 int64_t i0, int64_t i1, const void *act, size_t act_stride, int nr,
+                                 float *y, int64_t y_stride)
+{
+    kn_arow a[KN_MAX_ROWS];
+    kn_act_rows(act, act_stride, n_in, nr, a);
+    fns[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
 }
 
 /* ==== Attention ====

@@ -26,6 +26,7 @@ part() {   # part NAME COMMAND...: run a suite, add its closing counts
     total_fail=$((total_fail + f))
 }
 part native python3 tests/run.py
+native_macros=$(cc -march=native -dM -E - </dev/null)   # what this CPU has, for the parts below
 if make -s test_kernels-emu512 >/dev/null; then
     part avx512-emulated ./test_kernels-emu512
 else
@@ -33,7 +34,7 @@ else
 fi
 # The VNNI kernels (the packed layouts an AVX-512 VNNI CPU runs) on a CPU
 # without VNNI, which the native part then never reaches.
-if ! cc -march=native -dM -E - </dev/null | grep -q __AVX512VNNI__; then
+if ! echo "$native_macros" | grep -q __AVX512VNNI__; then
     if make -s test_kernels-emu512-vnni >/dev/null; then
         part avx512-vnni-emulated ./test_kernels-emu512-vnni
     else
@@ -42,7 +43,7 @@ if ! cc -march=native -dM -E - </dev/null | grep -q __AVX512VNNI__; then
 fi
 # On an AVX-512 machine the native build runs the AVX-512 kernels; the AVX2
 # ones, which most x86 CPUs run, get a build and a quick pass of their own.
-if cc -march=native -dM -E - </dev/null | grep -q __AVX512F__; then
+if echo "$native_macros" | grep -q __AVX512F__; then
     if make -s ARCH=x86-64-v3 SUFFIX=-avx2 >/dev/null; then
         part avx2 env MTP_GEN=./mtp-gen-avx2 MTP_QUICK=1 python3 tests/run.py
     else

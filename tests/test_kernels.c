@@ -388,7 +388,7 @@ static void test_matmul_layout(int t, int packed)
             if (!(wr <= worst)) worst = wr;
             if (rr > rms) rms = rr;
             det &= mm_deterministic(&c, y8);
-            packed_rows &= mm_packed_rows(&c);
+            if (c.ptype != c.type) packed_rows &= mm_packed_rows(&c);
             cases++;
             free(y8);
             mm_free(&c);
