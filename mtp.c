@@ -1009,7 +1009,7 @@ static void pool_learn_speed(Pool *p, int64_t n) {
  * takes a slice of output rows (sized by its measured speed) and, for each
  * small tile of weight rows, runs every group of KN_MAX_ROWS activation
  * rows: the tile stays in cache, so a batch of tokens reads the weights
- * from memory once.  Products that share an input (q/k/v, gate/up, the
+ * from memory once (a batch of one group takes its slice in one call).  Products that share an input (q/k/v, gate/up, the
  * DeltaNet projections) go out as one job, so a step waits on the pool half
  * as often; a SwiGLU's gate and up run tile by tile side by side, and the
  * thread that made a tile of both applies the activation to it, so that
@@ -1050,29 +1050,47 @@ static void matmul_tile(const MatmulJob *j, int p, int64_t i0, int64_t i1) {
     }
 }
 
+/* Tiles per kernel call: a batch of more than KN_MAX_ROWS tokens runs each
+ * small tile for all its row groups while the tile is in cache; a smaller
+ * batch has one row group, so a thread takes its whole slice in one call
+ * (per-tile calls cost 10-15% of a decode: each restarts the weight
+ * prefetches, and a SwiGLU's alternating gate and up tiles left them
+ * fetching the wrong matrix). */
+static int64_t tiles_per_call(const MatmulJob *j, int64_t t0, int64_t t1) {
+    return j->n <= KN_MAX_ROWS && t1 > t0 ? t1 - t0 : 1;
+}
+
+/* Output rows [*i0, *i1) of tiles [t, t + span) of a product of n_out rows
+ * (t counted from the product's first tile). */
+static void tile_rows(int64_t t, int64_t span, int64_t n_out, int64_t *i0, int64_t *i1) {
+    *i0 = t * MATMUL_TILE;
+    *i1 = (t + span) * MATMUL_TILE < n_out ? (t + span) * MATMUL_TILE : n_out;
+}
+
 static void tiles_run(const MatmulJob *j, int64_t lo, int64_t hi) {
     for (int p = 0; p < j->count; p++) {
         int64_t t0 = lo > j->first_tile[p] ? lo : j->first_tile[p], t1 = hi < j->first_tile[p + 1] ? hi : j->first_tile[p + 1];
-        int64_t n_out = j->prod[p].w->n_out;
-        for (int64_t t = t0; t < t1; t++) {
-            int64_t i0 = (t - j->first_tile[p]) * MATMUL_TILE, i1 = i0 + MATMUL_TILE < n_out ? i0 + MATMUL_TILE : n_out;
+        int64_t span = tiles_per_call(j, t0, t1), i0, i1;
+        for (int64_t t = t0; t < t1; t += span) {
+            tile_rows(t - j->first_tile[p], span, j->prod[p].w->n_out, &i0, &i1);
             matmul_tile(j, p, i0, i1);
         }
     }
 }
 
 /* Tiles [lo, hi) of a SwiGLU's gate and up, then the activation over them:
- * each output is computed the same way whatever the batch (a whole tile,
- * or the tile's tail), so a verify still reproduces single steps. */
+ * each output is computed the same way whatever the batch (the activation's
+ * vector steps start at a multiple of 16 either way, and its scalar tail is
+ * the matrix's last rows), so a verify still reproduces single steps. */
 static void glu_tiles_run(const MatmulJob *j, int64_t lo, int64_t hi) {
-    int64_t n_out = j->prod[0].w->n_out;
-    for (int64_t t = lo; t < hi; t++) {
-        int64_t i0 = t * MATMUL_TILE, i1 = i0 + MATMUL_TILE < n_out ? i0 + MATMUL_TILE : n_out;
+    int64_t span = tiles_per_call(j, lo, hi), i0, i1;
+    for (int64_t t = lo; t < hi; t += span) {
+        tile_rows(t, span, j->prod[0].w->n_out, &i0, &i1);
         matmul_tile(j, 0, i0, i1);
         matmul_tile(j, 1, i0, i1);
         for (int r = 0; r < j->n; r++) {
-            float *g = j->prod[0].y + (int64_t)r * n_out + i0;
-            kn_swiglu(g, g, j->prod[1].y + (int64_t)r * n_out + i0, i1 - i0);
+            float *g = j->prod[0].y + (int64_t)r * j->prod[0].w->n_out + i0;
+            kn_swiglu(g, g, j->prod[1].y + (int64_t)r * j->prod[0].w->n_out + i0, i1 - i0);
         }
     }
 }
