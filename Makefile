@@ -24,7 +24,7 @@ endif
 SUFFIX ?=
 
 KERNEL_SRC := kernels/scalar.c kernels/avx2.c kernels/avx512.c kernels/neon.c
-HDRS := $(wildcard kernels/*.h) $(wildcard tools/unicode_tables.h)
+HDRS := $(wildcard kernels/*.h) $(wildcard tools/*.h)
 
 all: mtp-gen$(SUFFIX) mtp-convert$(SUFFIX) test_kernels$(SUFFIX) test_units$(SUFFIX)
 
@@ -35,7 +35,7 @@ MODEL_ASM := $(if $(DEFAULT_MODEL),tools/train/model.S)
 mtp-gen$(SUFFIX): mtp.c $(KERNEL_SRC) $(HDRS) $(MODEL_ASM) $(DEFAULT_MODEL)
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ mtp.c $(KERNEL_SRC) $(MODEL_ASM) $(LDFLAGS) $(LDLIBS)
 
-mtp-convert$(SUFFIX): tools/convert.c
+mtp-convert$(SUFFIX): tools/convert.c tools/quant.h
 	$(CC) $(CFLAGS) $(MARCH) $(WARN) -o $@ tools/convert.c $(LDFLAGS) $(LDLIBS)
 
 bandwidth: tools/bandwidth.c

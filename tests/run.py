@@ -100,6 +100,7 @@ def test_c_programs():
     for m, q in (("qwen35-dense", "q8_0"), ("qwen35-moe", "q4_k_m"), ("qwen3next", "bf16")):
         progs.append((["test_units" + suffix, "rollback", gguf(m, q)], f"units: rollback bit-exact, oracle drafts [{m} {q}]"))
         progs.append((["test_units" + suffix, "chain", gguf(m, q)], f"units: chained drafts continue from the catch-up's last row [{m} {q}]"))
+        progs.append((["test_units" + suffix, "draft-copy", gguf(m, q)], f"units: the head's 4-bit draft copy [{m} {q}]"))
     for argv, name in progs:
         exe = os.path.join(ROOT, argv[0])
         if not os.path.exists(exe):

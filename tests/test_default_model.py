@@ -6,7 +6,9 @@
   - the text it writes at the default temperature (fixed seed) looks like its corpus (Python
     standard library source); greedy decoding of a model this small soon repeats itself;
   - greedy MTP acceptance at K = 1 (--draft 1) over the held-out prompts
-    (tools/train/prompts/, from modules not trained on) is >= 0.70.
+    (tools/train/prompts/, from modules not trained on) is >= 0.70;
+  - its q8_0 head drafts from a 4-bit copy by default: the output is still exactly plain
+    decoding's, and acceptance is within 0.02 of drafting with the head as stored.
 
 Usage: python3 tests/test_default_model.py   (after `make`; MTP_GEN / MTP_RUNNER as in tests/run.py)
 Python standard library only.  Prints `N passed, N failed` last.
@@ -72,23 +74,36 @@ def main():
     ok, why = python_like(text)
     check("its text at the default temperature looks like its corpus (Python source)", ok, why + " " + repr(text[:200]))
 
-    acc = tested = 0
-    per = []
-    for p in PROMPTS:
-        js = os.path.join(TMP, "s.json")
-        r = run(["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft", "1", "--stats-json", js, "-q"])
-        if r.returncode != 0 or not os.path.exists(js):
-            check(f"mtp run on {os.path.basename(p)}", False, r.stderr.decode(errors="replace")[-300:])
-            continue
-        s = json.load(open(js))
-        os.unlink(js)
-        acc += s["accepted"]
-        tested += s["tested"]
-        per.append(f"{os.path.basename(p)[:12]}={s['accepted']}/{s['tested']}")
-    rate = acc / tested if tested else 0.0
-    print("# acceptance by prompt: " + " ".join(per))
+    check("drafts come from a 4-bit copy of the head by default",
+          b"drafting from a 4-bit copy of the head" in emb.stderr, emb.stderr.decode(errors="replace")[-300:])
+    for p in PROMPTS[:2]:
+        outs = [run(["-f", p, "--no-display-prompt", "--temp", "0", "-t", "2", "-n", "200"] + extra).stdout
+                for extra in (["--no-mtp"], ["--draft-max", "4"], ["--draft-exact", "--draft", "3"])]
+        check(f"greedy output with the draft copy and with --draft-exact = --no-mtp's [{os.path.basename(p)}]",
+              len(outs[0]) > 0 and outs[0] == outs[1] == outs[2], repr([o[-60:] for o in outs]))
+
+    rates = {}
+    for name, extra in (("copy", []), ("exact", ["--draft-exact"])):
+        acc = tested = 0
+        per = []
+        for p in PROMPTS:
+            js = os.path.join(TMP, "s.json")
+            r = run(["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft", "1", "--stats-json", js, "-q"] + extra)
+            if r.returncode != 0 or not os.path.exists(js):
+                check(f"mtp run on {os.path.basename(p)} {extra}", False, r.stderr.decode(errors="replace")[-300:])
+                continue
+            s = json.load(open(js))
+            os.unlink(js)
+            acc += s["accepted"]
+            tested += s["tested"]
+            per.append(f"{os.path.basename(p)[:12]}={s['accepted']}/{s['tested']}")
+        rates[name] = (acc, tested, acc / tested if tested else 0.0)
+        print(f"# acceptance by prompt ({name}): " + " ".join(per))
+    acc, tested, rate = rates["copy"]
     check(f"greedy MTP acceptance at K=1 on held-out prompts >= {MIN_ACCEPT:.2f}", rate >= MIN_ACCEPT,
           f"{acc}/{tested} = {rate:.3f}")
+    check("the draft copy's acceptance is within 0.02 of the head's own", rate >= rates["exact"][2] - 0.02,
+          f"copy {rate:.3f}, exact {rates['exact'][2]:.3f}")
     print(f"# test_default_model: acceptance {acc}/{tested} = {rate:.3f}, {time.time() - t0:.1f} s", flush=True)
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

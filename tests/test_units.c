@@ -5,6 +5,8 @@
  *   spec-stats               the speculative acceptance rule is lossless
  *   rollback MODEL.gguf      verify-then-reject leaves exactly the state of plain decoding,
  *                            and oracle drafts (right, then wrong) give plain decoding's output
+ *   draft-copy MODEL.gguf    the head's 4-bit draft copy is close to the head, smaller, and
+ *                            leaves the main model's LM head as it was
  *   roundtrip VOCAB.gguf F   decode(encode(text)) == text for every NUL-separated text in F
  */
 #define MTP_NO_MAIN
@@ -269,6 +271,74 @@ static int cmd_chain(const char *path) {
     return finish();
 }
 
+/* ==== draft-copy ====
+ * Every matrix draft_copy_make replaces must come back as packed Q4_K rows
+ * close to the originals: a range-fitted 4-bit code errs by at most a
+ * step of range/15 and by ~range/52 rms on a sub-block of 32, so a relative
+ * rms error over 0.12 of the weights' rms means a wrong scale or a wrong
+ * nibble order, not rounding.  The main model's LM head, whose first rows
+ * the drafts' copy comes from, must be left bit for bit as it was. */
+
+static float *mat_floats(const Mat *w) {
+    float *out = xmalloc((size_t)w->n_out * w->n_in * sizeof(float));
+    for (int64_t i = 0; i < w->n_out; i++) kn_get_row(w->type, w->data, w->row_bytes, i, out + i * w->n_in, w->n_in);
+    return out;
+}
+
+static int cmd_draft_copy(const char *path) {
+    Model m;
+    model_load(&m, path);
+    if (!m.cfg.n_mtp) die("%s has no MTP head", path);
+    MtpHead *head = &m.w.mtp;
+    int draft_vocab = m.cfg.n_vocab / 2;
+    Mat out_rows = mat_rows(&m.w.output, 0, draft_vocab);
+    Mat *mats[MATS_PER_LAYER + 2];
+    int n = layer_mats(&head->block, mats);
+    mats[n++] = &head->eh_proj;
+    mats[n++] = &head->draft_out;
+    float *before[MATS_PER_LAYER + 2];
+    int worth[MATS_PER_LAYER + 2], n_worth = 0;
+    size_t bytes_before = 0;
+    for (int i = 0; i < n; i++) {
+        const Mat *w = mats[i] == &head->draft_out ? &out_rows : mats[i];
+        worth[i] = draft_copy_worth(w);
+        n_worth += worth[i];
+        before[i] = mat_floats(w);
+        if (worth[i]) bytes_before += (size_t)w->n_out * w->row_bytes;
+    }
+    float *output_before = mat_floats(&m.w.output);
+    Engine e;
+    engine_open(&e, &m, 64, 2);
+    size_t bytes = draft_copy_make(&e, draft_vocab);
+    check(n_worth > 0 && bytes > 0 && bytes < bytes_before, "%d of the head's %d matrices copied: %zu bytes for %zu", n_worth, n, bytes, bytes_before);
+    check(head->draft_out.n_out == draft_vocab, "drafts score the first %d tokens (%lld rows)", draft_vocab, (long long)head->draft_out.n_out);
+    for (int i = 0; i < n; i++) {
+        const Mat *w = mats[i];
+        float *after = mat_floats(w);
+        double err = 0, ref = 0;
+        for (int64_t k = 0; k < w->n_out * w->n_in; k++) {
+            err += (double)(after[k] - before[i][k]) * (after[k] - before[i][k]);
+            ref += (double)before[i][k] * before[i][k];
+        }
+        double rel = sqrt(err / (ref > 0 ? ref : 1));
+        if (worth[i])
+            check(w->type == kn_pack_type(KN_Q4_K) && rel > 0 && rel < 0.12, "matrix %d (%lldx%lld): Q4_K copy, relative rms error %.4f",
+                  i, (long long)w->n_out, (long long)w->n_in, rel);
+        else
+            check(rel == 0, "matrix %d (%lldx%lld): not worth a copy, left as it was", i, (long long)w->n_out, (long long)w->n_in);
+        free(after);
+        free(before[i]);
+    }
+    float *output_after = mat_floats(&m.w.output);
+    check(!memcmp(output_before, output_after, (size_t)m.w.output.n_out * m.w.output.n_in * sizeof(float)),
+          "the main model's LM head is unchanged");
+    free(output_before);
+    free(output_after);
+    engine_close(&e);
+    model_free(&m);
+    return finish();
+}
+
 /* ==== roundtrip ==== */
 
 static int cmd_roundtrip(const char *vocab_path, const char *cases_path) {
@@ -308,7 +378,8 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "spec-stats")) return cmd_spec_stats();
     if (argc >= 3 && !strcmp(argv[1], "rollback")) return cmd_rollback(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "chain")) return cmd_chain(argv[2]);
+    if (argc >= 3 && !strcmp(argv[1], "draft-copy")) return cmd_draft_copy(argv[2]);
     if (argc >= 4 && !strcmp(argv[1], "roundtrip")) return cmd_roundtrip(argv[2], argv[3]);
-    fprintf(stderr, "usage: test_units spec-stats | rollback MODEL | chain MODEL | roundtrip VOCAB CASES\n");
+    fprintf(stderr, "usage: test_units spec-stats | rollback MODEL | chain MODEL | draft-copy MODEL | roundtrip VOCAB CASES\n");
     return 2;
 }

@@ -38,6 +38,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "quant.h"
+
 /* ==== Errors and small helpers ==== */
 
 static char temp_path[PATH_MAX];   /* the half-written output, removed on any failure */
@@ -393,48 +395,6 @@ static Json *load_json(const char *path)
     return v;
 }
 
-/* ==== Half-precision floats ==== */
-
-static float f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static uint32_t bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-static float bf16_to_f32(uint16_t h) { return f32_from_bits((uint32_t)h << 16); }
-
-/* Round to nearest even, NaNs forced quiet: the exact rule of llama.cpp's converter. */
-static uint16_t f32_to_bf16(float f)
-{
-    uint32_t u = bits_from_f32(f);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)(((u & 0xffff0000u) | 0x00400000u) >> 16);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-static float f16_to_f32(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 0x3ff;
-    if (exp == 31) return f32_from_bits(sign | 0x7f800000u | man << 13);
-    if (exp == 0) {
-        float v = ldexpf((float)man, -24);
-        return sign ? -v : v;
-    }
-    return f32_from_bits(sign | (exp + 112) << 23 | man << 13);
-}
-
-/* Correctly rounded (nearest even), with subnormals, overflow to inf and quiet NaNs. */
-static uint16_t f32_to_f16(float f)
-{
-    uint32_t u = bits_from_f32(f), sign = (u >> 16) & 0x8000, a = u & 0x7fffffff;
-    if (a > 0x7f800000) return (uint16_t)(sign | 0x7e00 | ((a >> 13) & 0x3ff));
-    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00);   /* rounds past 65504 */
-    if (a < 0x38800000) {                                      /* below 2^-14: subnormal */
-        float scaled = f32_from_bits(a) * 16777216.0f;         /* exact: units of 2^-24 */
-        return (uint16_t)(sign | (uint32_t)nearbyintf(scaled));
-    }
-    uint32_t half = (a >> 13) - (112 << 10), rest = a & 0x1fff;
-    if (rest > 0x1000 || (rest == 0x1000 && (half & 1))) half++;
-    return (uint16_t)(sign | half);
-}
-
-static void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 
 /* ==== Quantisers ==== */
 
@@ -482,7 +442,6 @@ static size_t block_bytes(int t)
 
 static size_t row_bytes(int t, int64_t n) { return (size_t)(n / block_elems(t)) * block_bytes(t); }
 
-static int clamp_int(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
 /* Q8_0: d = max|x| / 127, q = round(x * (1/d)). Multiplying by the rounded reciprocal (not
  * dividing) is what ggml's reference and llama.cpp's converter do; it decides the ties. */
@@ -518,56 +477,7 @@ static void quant_q5_0(const float *x, uint8_t *out, int64_t n)
     }
 }
 
-/* Round to nearest, ties to even, for |x| < 2^22: adding 1.5 * 2^23 pushes the fraction out
- * of the mantissa, leaving the integer in its low bits. The k-quant searches round this way. */
-static int nearest_int(float x)
-{
-    float v = x + 12582912.0f;
-    int32_t i;
-    memcpy(&i, &v, 4);
-    return (i & 0x7fffff) - 0x400000;
-}
 
-/* Best x ~= scale * q - offset over q in [0, nmax], offset >= 0, minimising the weighted
- * squared error. Candidate scales sweep around range/nmax; each candidate's codes are then
- * refitted by weighted least squares. Candidates quantise relative to the best offset so far,
- * so the sweep explores offsets too (as ggml's does; it lowers the error by about 0.5%).
- * Returns scale and stores offset. */
-static float fit_affine(const float *x, const float *w, int n, int nmax, float *offset)
-{
-    float lo = x[0], hi = x[0], sw = 0, sx = 0;
-    for (int i = 0; i < n; i++) {
-        lo = fminf(lo, x[i]); hi = fmaxf(hi, x[i]);
-        sw += w[i]; sx += w[i] * x[i];
-    }
-    if (lo > 0) lo = 0;
-    if (hi == lo) { *offset = -lo; return 0; }
-    float best_scale = (hi - lo) / nmax, best_min = lo, best_err = 0;
-    for (int i = 0; i < n; i++) {
-        float e = best_scale * (float)clamp_int(nearest_int((x[i] - lo) / best_scale), 0, nmax) + lo - x[i];
-        best_err += w[i] * e * e;
-    }
-    int q[32];
-    for (int step = 0; step <= 20; step++) {
-        float iscale = (nmax - 1.0f + 0.1f * step) / (hi - lo), sq = 0, sqq = 0, sqx = 0;
-        for (int i = 0; i < n; i++) {
-            q[i] = clamp_int(nearest_int(iscale * (x[i] - lo)), 0, nmax);
-            float wq = w[i] * (float)q[i];
-            sq += wq; sqq += wq * (float)q[i]; sqx += wq * x[i];
-        }
-        float det = sw * sqq - sq * sq;
-        if (det <= 0) continue;
-        float scale = (sw * sqx - sq * sx) / det, min = (sqq * sx - sq * sqx) / det, err = 0;
-        if (min > 0) { min = 0; scale = sqx / sqq; }
-        for (int i = 0; i < n; i++) {
-            float e = scale * (float)q[i] + min - x[i];
-            err += w[i] * e * e;
-        }
-        if (err < best_err) { best_err = err; best_scale = scale; best_min = lo = min; }
-    }
-    *offset = -best_min;
-    return best_scale;
-}
 
 /* Best x ~= scale * q over q in [-nmax, nmax-1] (weighted). The value of largest magnitude
  * is mapped to the -nmax end, which has one more step than the positive side, so the scale
@@ -592,59 +502,7 @@ static float fit_symmetric(const float *x, const float *w, int n, int nmax)
     return best_scale;
 }
 
-/* Six-bit scale and min codes of a Q4_K/Q5_K super-block, packed into 12 bytes. */
-static void pack_k_scales(const int *ls, const int *lm, uint8_t *q)
-{
-    for (int j = 0; j < 4; j++) {
-        q[j] = (uint8_t)(ls[j] | (ls[j + 4] >> 4) << 6);
-        q[j + 4] = (uint8_t)(lm[j] | (lm[j + 4] >> 4) << 6);
-        q[j + 8] = (uint8_t)((ls[j + 4] & 15) | (lm[j + 4] & 15) << 4);
-    }
-}
 
-/* Q4_K and Q5_K: 256 weights in 8 sub-blocks of 32, each x = d*ls*q - dmin*lm, with six-bit
- * ls/lm and super-block d/dmin in f16. Q5_K adds one high bit per weight. */
-static void quant_k_affine(const float *x, uint8_t *out, int64_t n, int bits)
-{
-    const int nmax = (1 << bits) - 1;
-    const size_t bsize = block_bytes(bits == 4 ? T_Q4_K : T_Q5_K);
-    for (int64_t b = 0; b < n / 256; b++, x += 256, out += bsize) {
-        float scale[8], offset[8], w[32], max_scale = 0, max_offset = 0;
-        for (int j = 0; j < 8; j++) {
-            const float *xs = x + 32 * j;
-            double ss = 0;
-            for (int i = 0; i < 32; i++) ss += xs[i] * xs[i];
-            float rms = sqrtf((float)(ss / 32));
-            for (int i = 0; i < 32; i++) w[i] = rms + fabsf(xs[i]);
-            scale[j] = fit_affine(xs, w, 32, nmax, &offset[j]);
-            max_scale = fmaxf(max_scale, scale[j]);
-            max_offset = fmaxf(max_offset, offset[j]);
-        }
-        int ls[8], lm[8];
-        float inv_s = max_scale > 0 ? 63 / max_scale : 0, inv_m = max_offset > 0 ? 63 / max_offset : 0;
-        for (int j = 0; j < 8; j++) {
-            ls[j] = clamp_int(nearest_int(inv_s * scale[j]), 0, 63);
-            lm[j] = clamp_int(nearest_int(inv_m * offset[j]), 0, 63);
-        }
-        uint16_t d16 = f32_to_f16(max_scale / 63), m16 = f32_to_f16(max_offset / 63);
-        float d = f16_to_f32(d16), dmin = f16_to_f32(m16);
-        put_u16(out, d16);
-        put_u16(out + 2, m16);
-        pack_k_scales(ls, lm, out + 4);
-        uint8_t *qh = bits == 5 ? out + 16 : NULL, *qs = out + (bits == 5 ? 48 : 16);
-        if (qh) memset(qh, 0, 32);
-        for (int j = 0; j < 8; j++) {
-            float step = d * ls[j], min = dmin * lm[j];
-            for (int i = 0; i < 32; i++) {
-                int q = step > 0 ? clamp_int(nearest_int((x[32 * j + i] + min) / step), 0, nmax) : 0;
-                uint8_t *byte = &qs[32 * (j / 2) + i];
-                if (j % 2 == 0) *byte = (uint8_t)(q & 15);
-                else *byte |= (uint8_t)((q & 15) << 4);
-                if (qh) qh[i] |= (uint8_t)((q >> 4) << j);
-            }
-        }
-    }
-}
 
 /* Q6_K: 256 weights in 16 sub-blocks of 16, x = d * sc * (q - 32) with int8 sc. Weights are
  * stored as 4 low bits (ql) and 2 high bits (qh), interleaved in halves of 128. */
@@ -686,8 +544,8 @@ static void encode_row(int t, const float *x, uint8_t *out, int64_t n)
     case T_BF16: for (int64_t i = 0; i < n; i++) put_u16(out + 2 * i, f32_to_bf16(x[i])); break;
     case T_Q8_0: quant_q8_0(x, out, n); break;
     case T_Q5_0: quant_q5_0(x, out, n); break;
-    case T_Q4_K: quant_k_affine(x, out, n, 4); break;
-    case T_Q5_K: quant_k_affine(x, out, n, 5); break;
+    case T_Q4_K: quant_k_affine(x, out, n, 4, 1); break;
+    case T_Q5_K: quant_k_affine(x, out, n, 5, 1); break;
     case T_Q6_K: quant_q6_k(x, out, n); break;
     default: die("internal: cannot encode type %d", t);
     }
