@@ -773,15 +773,16 @@ static size_t placed_bytes(const Mat *w) {
     return (b + 63) / 64 * 64;
 }
 
-/* The mapping's pages of a matrix: mapped in one call before it is copied
- * (a page fault per 4 KB made loading 3x slower), given back after, since
- * they are not read again. */
+/* madvise the whole pages within [p, p + bytes). */
 static void pages_advise(const void *p, size_t bytes, int advice) {
     long page = sysconf(_SC_PAGESIZE);
     uintptr_t lo = ((uintptr_t)p + page - 1) / page * page, hi = ((uintptr_t)p + bytes) / page * page;
     if (hi > lo) madvise((void *)lo, hi - lo, advice);
 }
 
+/* The mapping's pages of a matrix: mapped in one call before it is copied
+ * (a page fault per 4 KB made loading 3x slower), given back after, since
+ * they are not read again. */
 static void matrix_pages(const Model *m, const Mat *w, int advice) {
     if (m->file.base != mtp_default_model) pages_advise(w->data, (size_t)w->n_out * w->row_bytes, advice);
 }
@@ -1017,11 +1018,12 @@ static void pool_learn_speed(Pool *p, int64_t n) {
  * takes a slice of output rows (sized by its measured speed) and, for each
  * small tile of weight rows, runs every group of KN_MAX_ROWS activation
  * rows: the tile stays in cache, so a batch of tokens reads the weights
- * from memory once (a batch of one group takes its slice in one call).  Products that share an input (q/k/v, gate/up, the
- * DeltaNet projections) go out as one job, so a step waits on the pool half
- * as often; a SwiGLU's gate and up run tile by tile side by side, and the
- * thread that made a tile of both applies the activation to it, so that
- * work is shared out too instead of running on one thread between jobs. */
+ * from memory once (a batch of one group takes its slice in one call).
+ * Products that share an input (q/k/v, gate/up, the DeltaNet projections)
+ * go out as one job, so a step waits on the pool half as often; a SwiGLU's
+ * gate and up run tile by tile side by side, and the thread that made a
+ * tile of both applies the activation to it, so that work is shared out
+ * too instead of running on one thread between jobs. */
 
 #define MATMUL_TILE 16
 #define MAX_PRODUCTS 4
@@ -1802,8 +1804,9 @@ static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, i
  * copy made at start, which reads half the bytes or less per draft: its
  * scales come from each sub-block's range (no error search: that took
  * ~0.5 s of a 35 ms start and guessed no better).  On the built-in q8_0
- * model, K = 1 acceptance on the held-out prompts stayed 960/1077, and
- * --draft-max 4 ran 9% faster (tools/train/README.md).  --draft-exact keeps
+ * model, K = 1 acceptance on the held-out prompts was 963/1074 (960/1077
+ * with the head as stored), and --draft-max 4 ran ~10% faster (README.md,
+ * Speed).  --draft-exact keeps
  * the file's weights, as --mtp-logits-out does (its logits are checked
  * against the reference). */
 
