@@ -1806,18 +1806,15 @@ static void mtp_forward(Engine *e, const float *h, const int32_t *toks, int n, i
  * ~0.5 s of a 35 ms start and guessed no better).  On the built-in q8_0
  * model, K = 1 acceptance on the held-out prompts was 963/1074 (960/1077
  * with the head as stored), and --draft-max 4 ran ~10% faster (README.md,
- * Speed).  --draft-exact keeps
- * the file's weights, as --mtp-logits-out does (its logits are checked
- * against the reference). */
+ * Speed).  --draft-exact keeps the file's weights, as --mtp-logits-out does
+ * (its logits are checked against the reference). */
 
-#define Q4K_BLOCK_BYTES 144     /* per 256 weights */
-
-typedef struct { const Mat *src; uint8_t *dst; /* [src->n_out][n_in/256*144] */ } QuantJob;
+typedef struct { const Mat *src; uint8_t *dst; /* [src->n_out][kn_row_bytes(KN_Q4_K, n_in)] */ } QuantJob;
 
 static void quantize_rows_worker(void *ctx, int ith, int nth) {
     const QuantJob *j = ctx;
     const Mat *w = j->src;
-    size_t rb = (size_t)w->n_in / 256 * Q4K_BLOCK_BYTES;
+    size_t rb = kn_row_bytes(KN_Q4_K, w->n_in);
     float *row = xmalloc((size_t)w->n_in * sizeof(float));
     int64_t lo, hi;
     pool_share(w->n_out, ith, nth, 1, &lo, &hi);
@@ -1829,14 +1826,14 @@ static void quantize_rows_worker(void *ctx, int ith, int nth) {
 }
 
 static int draft_copy_worth(const Mat *w) {
-    return w->data && w->n_in % 256 == 0 && (size_t)w->n_in / 256 * Q4K_BLOCK_BYTES < w->row_bytes;
+    return w->data && w->n_in % kn_block_elems(KN_Q4_K) == 0 && kn_row_bytes(KN_Q4_K, w->n_in) < w->row_bytes;
 }
 
 /* *w replaced by its packed Q4_K copy at *at (advanced); the old bytes go
  * back to the system when they were a placed copy of the head's own. */
 static void draft_copy_mat(Engine *e, Mat *w, uint8_t **at, int release) {
     const Model *m = e->model;
-    size_t rb = (size_t)w->n_in / 256 * Q4K_BLOCK_BYTES, bytes = kn_pack_bytes(KN_Q4_K, w->n_out, w->n_in);
+    size_t rb = kn_row_bytes(KN_Q4_K, w->n_in), bytes = kn_pack_bytes(KN_Q4_K, w->n_out, w->n_in);
     QuantJob job = {w, xmalloc(rb * (size_t)w->n_out)};
     pool_run(&e->pool, quantize_rows_worker, &job);
     kn_pack(KN_Q4_K, job.dst, rb, w->n_out, w->n_in, *at);
@@ -1847,17 +1844,26 @@ static void draft_copy_mat(Engine *e, Mat *w, uint8_t **at, int release) {
     *at += (bytes + 63) / 64 * 64;
 }
 
+/* The matrices a draft reads, the candidates for the copy: the block's
+ * dense ones, eh_proj, and the drafts' LM head (last). */
+#define DRAFT_MATS (MATS_PER_LAYER + 2)
+
+static int draft_mats(MtpHead *head, Mat **out) {
+    int n = layer_mats(&head->block, out);
+    out[n++] = &head->eh_proj;
+    out[n++] = &head->draft_out;
+    return n;
+}
+
 /* From here on drafts score the first draft_vocab tokens, with 4-bit copies
  * of the head's dense matrices and of those LM head rows where the copy is
  * smaller than the file's.  Returns the copies' bytes. */
 static size_t draft_copy_make(Engine *e, int draft_vocab) {
     Model *m = e->model;
     MtpHead *head = &m->w.mtp;
-    Mat *mats[MATS_PER_LAYER + 2];
-    int n = layer_mats(&head->block, mats);
-    mats[n++] = &head->eh_proj;
+    Mat *mats[DRAFT_MATS];
     head->draft_out = mat_rows(&m->w.output, 0, draft_vocab);
-    mats[n++] = &head->draft_out;
+    int n = draft_mats(head, mats);
     size_t total = 0;
     for (int i = 0; i < n; i++)
         if (draft_copy_worth(mats[i])) total += (kn_pack_bytes(KN_Q4_K, mats[i]->n_out, mats[i]->n_in) + 63) / 64 * 64;

@@ -292,12 +292,10 @@ static int cmd_draft_copy(const char *path) {
     MtpHead *head = &m.w.mtp;
     int draft_vocab = m.cfg.n_vocab / 2;
     Mat out_rows = mat_rows(&m.w.output, 0, draft_vocab);
-    Mat *mats[MATS_PER_LAYER + 2];
-    int n = layer_mats(&head->block, mats);
-    mats[n++] = &head->eh_proj;
-    mats[n++] = &head->draft_out;
-    float *before[MATS_PER_LAYER + 2];
-    int worth[MATS_PER_LAYER + 2], n_worth = 0;
+    Mat *mats[DRAFT_MATS];
+    int n = draft_mats(head, mats);
+    float *before[DRAFT_MATS];
+    int worth[DRAFT_MATS], n_worth = 0;
     size_t bytes_before = 0;
     for (int i = 0; i < n; i++) {
         const Mat *w = mats[i] == &head->draft_out ? &out_rows : mats[i];
