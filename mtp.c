@@ -2939,6 +2939,7 @@ static int tok_stream_flush(TokStream *st, char *out, int cap) {
 
 #define MAX_DRAFT 16
 #define PEND_CAP (2 * UBATCH + MAX_DRAFT + 1)
+#define MARGIN_BINS 8           /* half-logit bins of the head's margin, the last open-ended */
 
 typedef struct {
     int n_draft;                /* drafts per step; the cap when adaptive */
@@ -2972,18 +2973,19 @@ typedef struct {
     int n_pend;
     float *h_last;              /* [dim] hidden state of the last position the main model ran */
     Dist p, q[MAX_DRAFT];
-    float alpha[MAX_DRAFT];     /* running P(draft i accepted | drafts before it accepted) */
-    int alpha_n[MAX_DRAFT];     /* weight of alpha[i]: 1 (the prior alone) plus observations, up to ALPHA_SPAN */
-    double t_first, t_chain;    /* running costs in ms: a step's first draft (which also feeds the head the
-                                 * rows accepted since the last one) and each chained draft after it */
+    float sure[MARGIN_BINS];    /* running P(a draft is accepted | the drafts before it were, its margin in bin b) */
+    int sure_n[MARGIN_BINS];    /* weight of sure[b]: 1 (the prior alone) plus observations, up to SURE_SPAN */
+    int draft_bin[MAX_DRAFT];   /* this step's drafts' margin bins */
+    double t_chain;             /* running cost in ms of a chained draft */
+    double t_row;               /* running cost in ms of one more token in a verify */
     double t_verify[MAX_DRAFT + 2]; /* running cost in ms of a verify of n tokens (its forward pass and
                                      * the commit of the tokens kept) */
     double t_forward;           /* the last verify's forward pass, ms */
+    double spec_ms, spec_tokens; /* running time and tokens of a drafting step: drafts, verify, commit */
     int probe;                  /* steps since drafting was last tried (adaptive) */
     int probe_gap;              /* steps between probes: doubles while probes fail, so a useless head costs ~nothing */
     int probing;                /* this step's draft is a probe */
-    int since_explore;          /* drafting steps since a neighbour of the best k last ran */
-    int explore_up;             /* the next exploration tries k + 1 (else k - 1) */
+    int since_explore;          /* drafting steps: every EXPLORE_GAP-th verifies one draft past the stop */
     int drafted;                /* the last step drafted, so the head's pending rows are only its accepted tokens */
     const uint8_t *eog;         /* [n_vocab] end-of-generation tokens */
     int ignore_eos;
@@ -3006,10 +3008,11 @@ static void gen_init(Gen *g, Engine *e, Sampler *smp, const SpecCfg *spec, int u
     g->pend_t = xcalloc(PEND_CAP, sizeof *g->pend_t);
     g->h_last = xcalloc(c->dim, sizeof(float));
     dist_init(&g->p, c->n_vocab);
-    for (int i = 0; i < MAX_DRAFT; i++) {
-        dist_init(&g->q[i], c->n_vocab);
-        g->alpha[i] = 0.5f;
-        g->alpha_n[i] = 1;
+    for (int i = 0; i < MAX_DRAFT; i++) dist_init(&g->q[i], c->n_vocab);
+    /* prior: the chance the top token wins if the runner-up were its only rival */
+    for (int b = 0; b < MARGIN_BINS; b++) {
+        g->sure[b] = 1.0f / (1.0f + expf(-(b + 0.5f) / 2));
+        g->sure_n[b] = 1;
     }
 }
 
@@ -3088,80 +3091,90 @@ static void ema(double *v, double x) { *v = *v > 0 ? 0.75 * *v + 0.25 * x : x; }
 
 static double elapsed_since(double t0) { return now_ms() - t0; }
 
+/* Adaptive depth decides per draft, not per step.  Each draft comes with
+ * the head's margin (its top logit minus the runner-up), and sure[] maps
+ * the margin to the chance the draft is accepted, learned from the
+ * verifications; the product along the chain is the chance that every
+ * draft so far survives, which is what the draft adds in expected tokens.
+ * By the marginal rule for tokens per ms, a draft made is kept while that
+ * chance pays for its verify row, and another is made while it would pay
+ * for a draft and a row too, both priced at the rate speculative steps
+ * produce tokens.  A k per step chosen from acceptance by draft position
+ * (the policy before this one) stopped at 3-4 drafts on the built-in
+ * model, where confident chains run much longer: the margin tells them
+ * apart (acceptance 0.37 below a margin of 0.25, 0.99 above 3).  Plain
+ * steps come back when drafting steps produce tokens slower than a plain
+ * step would, with a one-draft probe now and then to recover. */
+
+/* The head's margin in half-logit bins: how sure it is of a draft, read
+ * without a softmax over the vocabulary (a second pass for the runner-up
+ * costs a few us where the softmax cost ~30). */
+static int margin_bin(const float *lg, int n) {
+    int64_t top = kn_argmax(lg, n);
+    float second = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (i != top && lg[i] > second) second = lg[i];
+    float bin = 2 * (lg[top] - second);
+    return bin < MARGIN_BINS - 1 ? (int)bin : MARGIN_BINS - 1;
+}
+
+/* What t ms cost in tokens at the rate speculative steps produce them; 0
+ * until measured, so that the first steps draft to the cap and measure
+ * the costs. */
+static double in_tokens(const Gen *g, double t) {
+    return g->spec.adaptive && g->spec_ms > 0 ? t * g->spec_tokens / g->spec_ms : 0;
+}
+
+/* Every EXPLORE_GAP drafting steps, a step that stops on the price verifies
+ * the one draft past the stop too: a margin bin whose estimate once fell
+ * below the price would otherwise never be verified again to correct it. */
+#define EXPLORE_GAP 8
+
 /* Draft up to k tokens after the sequence's last token into toks[n_toks..];
- * returns how many.  The first draft and the chained ones are timed apart:
- * the first carries the step's catch-up rows, and pricing every draft at
- * their mean made deep drafting look dearer than it is. */
+ * returns how many. */
 static int draft(Gen *g, int k) {
     Engine *e = g->e;
     int32_t *drafts = g->toks + g->n_toks;
-    double t0 = now_ms();
+    double row_price = in_tokens(g, g->t_row), draft_price = row_price + in_tokens(g, g->t_chain), chance = 1, t0 = 0;
+    int explore = g->spec.adaptive && ++g->since_explore % EXPLORE_GAP == 0;
     /* a chained draft starts from the head's output at the position before
      * it, which each call leaves in s.hidden row 0 */
     mtp_catch_up(g, 1, 0);
     int n = 0, chained = 0;
     for (; n < k; n++) {
+        if (n == 1) t0 = now_ms();
         if (n > 0) {
             mtp_forward(e, e->s.hidden, &drafts[n - 1], 1, e->st.mtp_n + n - 1, LOGITS_LAST, g->spec.draft_vocab);
             chained++;
         }
         if (g->spec.p_min > 0 && top_prob(e->s.logits, g->spec.draft_vocab) < g->spec.p_min) break;
+        if (g->spec.adaptive) chance *= g->sure[g->draft_bin[n] = margin_bin(e->s.logits, g->spec.draft_vocab)];
         sampler_dist(g->smp, e->s.logits, g->spec.draft_vocab, g->toks, g->n_toks + n, &g->q[n]);
         drafts[n] = dist_sample(&g->q[n], &g->smp->cfg.rng);
-        if (n == 0) {
-            ema(&g->t_first, elapsed_since(t0));
-            t0 = now_ms();
+        if (chance < row_price) {
+            n += explore;
+            break;
+        }
+        if (chance < draft_price) {
+            n++;
+            break;
         }
     }
     if (chained) ema(&g->t_chain, elapsed_since(t0) / chained);
     return n;
 }
 
-/* Expected tokens per ms for k drafts under the running estimates.  A draft
- * position never tested yet is assumed as good as the one before it, so
- * that deeper drafting gets tried once the first positions do well. */
-static double k_value(const Gen *g, int k) {
-    double expect = 1, run = 1, a = 0;
-    for (int i = 0; i < k; i++) {
-        if (i == 0 || g->alpha_n[i] > 1) a = g->alpha[i];
-        expect += run *= a;
-    }
-    /* an unmeasured batch: the largest measured one plus 0.2 step per extra
-     * row, a little optimistic so that it gets tried (and then measured) */
-    int j = k;
-    while (g->t_verify[j + 1] <= 0) j--;
-    double tv = g->t_verify[j + 1] + 0.2 * (k - j) * g->t_verify[1];
-    return expect / (g->t_first + (k - 1) * g->t_chain + tv);
-}
-
-/* Adaptive depth: the k that maximises expected tokens per unit time.
- * Every EXPLORE_GAP drafting steps a neighbour of it runs instead, k + 1
- * and k - 1 in turn, so that the times and rates behind the choice stay
- * measured: a depth whose one verify happened to be slow (this machine is
- * shared) was otherwise never run again to correct it, and a plain step's
- * time, measured once with cold caches, made drafting look cheap for good.
- * With nothing worth drafting, a one-draft probe now and then lets k = 0
- * recover. */
-#define EXPLORE_GAP 8
-
 static int choose_k(Gen *g) {
     if (!g->spec.adaptive) return g->spec.n_draft;
-    if (g->t_verify[1] <= 0 || g->t_first <= 0) return g->t_verify[1] <= 0 ? 0 : 1;
-    int best = 0;
-    for (int k = 1; k <= g->spec.n_draft; k++)
-        if (k_value(g, k) > k_value(g, best)) best = k;
+    if (g->t_verify[1] <= 0) return 0;          /* a plain step first: its time is the bar */
+    if (g->spec_ms <= 0 || g->spec_tokens / g->spec_ms >= 1 / g->t_verify[1]) return g->spec.n_draft;
     if (!g->probe_gap) g->probe_gap = 1;
-    if (best > 0 && ++g->since_explore >= EXPLORE_GAP) {
-        g->since_explore = 0;
-        g->explore_up = !g->explore_up;
-        return g->explore_up && best < g->spec.n_draft ? best + 1 : best - 1;
-    }
-    if (best == 0 && ++g->probe >= g->probe_gap) {
+    if (++g->probe >= g->probe_gap) {
         g->probe = 0;
         g->probing = 1;
         return 1;
     }
-    return best;
+    return 0;
 }
 
 /* A probe that found nothing makes the next one twice as rare (up to every
@@ -3196,11 +3209,10 @@ static int emit_tokens(Gen *g, const int32_t *toks, int n, int budget, EmitFn em
     return j;
 }
 
-/* Acceptance rates start as a prior of 1/2 worth one observation and are
- * plain means with it until ALPHA_SPAN observations (so one probe moves
- * them to 1/4 or 3/4, and a few are enough to start drafting), then a
- * moving average over about as many. */
-#define ALPHA_SPAN 10
+/* A margin bin's acceptance starts as its prior worth one observation and
+ * is a plain mean with it until SURE_SPAN observations, then a moving
+ * average over about as many. */
+#define SURE_SPAN 32
 
 /* Verify [last, d1..dk]: the longest accepted prefix, then one token of the
  * main model's own, into out[]; returns the number of accepted drafts. */
@@ -3224,9 +3236,10 @@ static int verify(Gen *g, int n_draft, int32_t *out) {
         g->st.accepted_at[n_acc]++;
         out[n_acc] = drafts[n_acc];
     }
-    for (int i = 0; i < n_draft && i <= n_acc; i++) {
-        if (g->alpha_n[i] < ALPHA_SPAN) g->alpha_n[i]++;
-        g->alpha[i] += ((float)(i < n_acc) - g->alpha[i]) / (float)g->alpha_n[i];
+    for (int i = 0; g->spec.adaptive && i < n_draft && i <= n_acc; i++) {
+        int b = g->draft_bin[i];
+        if (g->sure_n[b] < SURE_SPAN) g->sure_n[b]++;
+        g->sure[b] += ((float)(i < n_acc) - g->sure[b]) / (float)g->sure_n[b];
     }
     if (n_draft) {
         g->st.steps++;
@@ -3239,8 +3252,8 @@ static int verify(Gen *g, int n_draft, int32_t *out) {
 
 /* Verify the n_draft drafts waiting in toks[n_toks..], emit, and commit
  * exactly the emitted tokens (the verify's hidden row i belongs to the
- * position whose next token is out[i]). */
-static void advance(Gen *g, int n_draft, int budget, EmitFn emit, void *ud, int *done) {
+ * position whose next token is out[i]); returns how many. */
+static int advance(Gen *g, int n_draft, int budget, EmitFn emit, void *ud, int *done) {
     Engine *e = g->e;
     const Config *c = &e->model->cfg;
     int32_t out[MAX_DRAFT + 1];
@@ -3255,11 +3268,13 @@ static void advance(Gen *g, int n_draft, int budget, EmitFn emit, void *ud, int 
     double t0 = now_ms();
     if (n_draft) state_commit(e, n_out);
     ema(&g->t_verify[n_draft + 1], g->t_forward + elapsed_since(t0));   /* keeping tokens is part of a verify's price */
+    if (n_draft && g->t_verify[1] > 0) ema(&g->t_row, fmax(0, (g->t_verify[n_draft + 1] - g->t_verify[1]) / n_draft));
     for (int i = 0; g->use_mtp && i < n_out; i++) mtp_push(g, e->s.hidden + (int64_t)i * c->dim, out[i]);
     memcpy(g->h_last, e->s.hidden + (int64_t)(n_out - 1) * c->dim, c->dim * sizeof(float));
     memcpy(g->toks + g->n_toks, out, n_out * sizeof *out);
     g->n_toks += n_out;
     g->st.rollback_ms += elapsed_since(t0);
+    return n_out;
 }
 
 /* How many drafts this step may have: the policy's k within the context and the budget. */
@@ -3285,7 +3300,11 @@ static void gen_step(Gen *g, int budget, EmitFn emit, void *ud, int *done) {
     double t0 = now_ms();
     int n_draft = k ? draft(g, k) : 0;
     if (k) g->st.draft_ms += elapsed_since(t0);
-    advance(g, n_draft, budget, emit, ud, done);
+    int n_out = advance(g, n_draft, budget, emit, ud, done);
+    if (k) {
+        ema(&g->spec_ms, elapsed_since(t0));
+        ema(&g->spec_tokens, n_out);
+    }
 }
 
 /* Feed the prompt (appended to whatever the sequence holds), then generate
@@ -3370,7 +3389,8 @@ static void usage(FILE *f) {
 "\n"
 "speculative decoding with the MTP head (on by default when the model has one):\n"
 "      --draft N           tokens drafted per step (default 2; 0 = off)\n"
-"      --draft-max N       adaptive: choose 0..N drafts per step from measured acceptance and cost\n"
+"      --draft-max N       adaptive: up to N drafts a step, each kept while the head's confidence\n"
+"                          pays for it (acceptance and costs measured as it runs; 0 when none pays)\n"
 "      --draft-p-min P     stop drafting when the head's probability falls below P (default 0)\n"
 "      --draft-vocab N     drafts score only the first N token ids (default: half the vocabulary,\n"
 "                          at most 32768; 0 = all): the LM head is much of a draft's cost\n"

@@ -244,7 +244,7 @@ def test_greedy():
 
 
 def test_mtp_identity():
-    drafts = [["--draft", "1"], ["--draft", "2"], ["--draft", "3"], ["--draft-max", "4"]]
+    drafts = [["--draft", "1"], ["--draft", "2"], ["--draft", "3"], ["--draft-max", "8"]]
     for m in MODELS:
         for q in QUANTS:
             for case in CASES:

@@ -8,7 +8,9 @@
   - greedy MTP acceptance at K = 1 (--draft 1) over the held-out prompts
     (tools/train/prompts/, from modules not trained on) is >= 0.70;
   - its q8_0 head drafts from a 4-bit copy by default: the output is still exactly plain
-    decoding's, and acceptance is within 0.02 of drafting with the head as stored.
+    decoding's, and acceptance is within 0.02 of drafting with the head as stored;
+  - adaptive depth (--draft-max) drafts past four tokens where the head is sure, keeps
+    acceptance high, and backs off to plain decoding when no draft is ever accepted.
 
 Usage: python3 tests/test_default_model.py   (after `make`; MTP_GEN / MTP_RUNNER as in tests/run.py)
 Python standard library only.  Prints `N passed, N failed` last.
@@ -51,6 +53,41 @@ def python_like(text):
     return ok, f"{ind}/{len(lines)} lines 4-space indented, {kw} keywords"
 
 
+def stats_of(args):
+    js = os.path.join(TMP, "s.json")
+    r = run(args + ["--stats-json", js, "-q"])
+    if r.returncode != 0 or not os.path.exists(js):
+        return None
+    s = json.load(open(js))
+    os.unlink(js)
+    return s
+
+
+def adaptive_depth():
+    """--draft-max decides per draft from the head's margin: deep where it is sure, none
+    where nothing is accepted (--draft-vocab 1: every draft is token 0)."""
+    drafted = steps = acc = tested = deep = 0
+    for p in PROMPTS:
+        s = stats_of(["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft-max", "16"])
+        if s is None:
+            check(f"--draft-max 16 run on {os.path.basename(p)}", False)
+            return
+        drafted += s["drafted"]; steps += s["steps"]; acc += s["accepted"]; tested += s["tested"]
+        deep += sum(s["tested_at"][4:])
+    check("--draft-max 16: drafts past the fourth are tested, > 3 drafts a step on average",
+          deep > 0 and drafted > 3 * steps, f"{drafted} drafts in {steps} steps, {deep} tested past the fourth")
+    check("--draft-max 16: acceptance >= 0.85 (unsure drafts are not sent to verification)",
+          tested and acc / tested >= 0.85, f"{acc}/{tested}")
+    args = ["-f", PROMPTS[0], "-n", "256", "--temp", "0", "-t", "2", "--no-display-prompt"]
+    s = stats_of(args + ["--draft-max", "8", "--draft-vocab", "1"])
+    ok = s is not None and s["n_gen"] == 256 and s["steps"] <= 0.1 * s["n_gen"]
+    check("--draft-max 8 backs off when no draft is accepted: drafting steps <= 10% of tokens", ok,
+          f"{s and s['steps']} drafting steps for {s and s['n_gen']} tokens")
+    plain = run(args + ["--no-mtp"]).stdout
+    useless = run(args + ["--draft-max", "8", "--draft-vocab", "1"]).stdout
+    check("... with output equal to --no-mtp's", len(plain) > 0 and plain == useless)
+
+
 def main():
     t0 = time.time()
     base = ["--temp", "0", "-t", "2", "-n", "48"]
@@ -78,7 +115,7 @@ def main():
           b"drafting from a 4-bit copy of the head" in emb.stderr, emb.stderr.decode(errors="replace")[-300:])
     for p in PROMPTS[:2]:
         outs = [run(["-f", p, "--no-display-prompt", "--temp", "0", "-t", "2", "-n", "200"] + extra).stdout
-                for extra in (["--no-mtp"], ["--draft-max", "4"], ["--draft-exact", "--draft", "3"])]
+                for extra in (["--no-mtp"], ["--draft-max", "16"], ["--draft-exact", "--draft", "3"])]
         check(f"greedy output with the draft copy and with --draft-exact = --no-mtp's [{os.path.basename(p)}]",
               len(outs[0]) > 0 and outs[0] == outs[1] == outs[2], repr([o[-60:] for o in outs]))
 
@@ -104,6 +141,7 @@ def main():
           f"{acc}/{tested} = {rate:.3f}")
     check("the draft copy's acceptance is within 0.02 of the head's own", rate >= rates["exact"][2] - 0.02,
           f"copy {rate:.3f}, exact {rates['exact'][2]:.3f}")
+    adaptive_depth()
     print(f"# test_default_model: acceptance {acc}/{tested} = {rate:.3f}, {time.time() - t0:.1f} s", flush=True)
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
