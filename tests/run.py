@@ -96,7 +96,8 @@ def closing_counts(out):
 def test_c_programs():
     suffix = os.path.basename(BIN)[len("mtp-gen"):]
     progs = [(["test_kernels" + suffix], "kernels: SIMD vs scalar reference"),
-             (["test_units" + suffix, "spec-stats"], "units: speculative sampling is lossless")]
+             (["test_units" + suffix, "spec-stats"], "units: speculative sampling is lossless"),
+             (["test_units" + suffix, "margin"], "units: adaptive depth's margin bins")]
     for m, q in (("qwen35-dense", "q8_0"), ("qwen35-moe", "q4_k_m"), ("qwen3next", "bf16")):
         progs.append((["test_units" + suffix, "rollback", gguf(m, q)], f"units: rollback bit-exact, oracle drafts [{m} {q}]"))
         progs.append((["test_units" + suffix, "chain", gguf(m, q)], f"units: chained drafts continue from the catch-up's last row [{m} {q}]"))

@@ -3,6 +3,7 @@
  * It includes mtp.c itself (without its main) so the static functions are
  * in scope.  Subcommands, each printing "N passed, N failed":
  *   spec-stats               the speculative acceptance rule is lossless
+ *   margin                   adaptive depth reads the head's margin into the right bin
  *   rollback MODEL.gguf      verify-then-reject leaves exactly the state of plain decoding,
  *                            and oracle drafts (right, then wrong) give plain decoding's output
  *   draft-copy MODEL.gguf    the head's 4-bit draft copy is close to the head, smaller, and
@@ -372,12 +373,33 @@ static int cmd_roundtrip(const char *vocab_path, const char *cases_path) {
     return finish();
 }
 
+/* ==== margin ====
+ * The bin is twice the top logit's lead over the runner-up, wherever the two
+ * sit, with the last bin open-ended. */
+
+static void margin_case(const float *lg, int n, int want, const char *what) {
+    int got = margin_bin(lg, n);
+    check(got == want, "margin bin %d (want %d): %s", got, want, what);
+}
+
+static int cmd_margin(void) {
+    margin_case((const float[]){0, 0.2f, 5.0f, 4.9f}, 4, 0, "lead 0.1, runner-up after the top");
+    margin_case((const float[]){2, 2, 1}, 3, 0, "a tie");
+    margin_case((const float[]){1, 3.3f, 0}, 3, 4, "lead 2.3");
+    margin_case((const float[]){-1, 0.25f, -0.25f}, 3, 1, "lead 0.5, negative logits");
+    margin_case((const float[]){10, 0, 0, 6.4f}, 4, 7, "lead 3.6: the open-ended last bin");
+    margin_case((const float[]){30, -30}, 2, MARGIN_BINS - 1, "lead 60");
+    margin_case((const float[]){1}, 1, MARGIN_BINS - 1, "one token: no rival");
+    return finish();
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "spec-stats")) return cmd_spec_stats();
+    if (argc >= 2 && !strcmp(argv[1], "margin")) return cmd_margin();
     if (argc >= 3 && !strcmp(argv[1], "rollback")) return cmd_rollback(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "chain")) return cmd_chain(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "draft-copy")) return cmd_draft_copy(argv[2]);
     if (argc >= 4 && !strcmp(argv[1], "roundtrip")) return cmd_roundtrip(argv[2], argv[3]);
-    fprintf(stderr, "usage: test_units spec-stats | rollback MODEL | chain MODEL | draft-copy MODEL | roundtrip VOCAB CASES\n");
+    fprintf(stderr, "usage: test_units spec-stats | margin | rollback MODEL | chain MODEL | draft-copy MODEL | roundtrip VOCAB CASES\n");
     return 2;
 }
