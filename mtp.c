@@ -3164,6 +3164,8 @@ static int draft(Gen *g, int k) {
     return n;
 }
 
+/* The step's cap on drafts: all of it while drafting steps produce tokens
+ * faster than plain ones, else none, or one for a probe now and then. */
 static int choose_k(Gen *g) {
     if (!g->spec.adaptive) return g->spec.n_draft;
     if (g->t_verify[1] <= 0) return 0;          /* a plain step first: its time is the bar */
