@@ -53,10 +53,12 @@ def python_like(text):
     return ok, f"{ind}/{len(lines)} lines 4-space indented, {kw} keywords"
 
 
-def stats_of(args):
+def stats_of(name, args):
+    """The --stats-json of a run, or None after a failed check called name."""
     js = os.path.join(TMP, "s.json")
     r = run(args + ["--stats-json", js, "-q"])
     if r.returncode != 0 or not os.path.exists(js):
+        check(name, False, r.stderr.decode(errors="replace")[-300:])
         return None
     s = json.load(open(js))
     os.unlink(js)
@@ -68,9 +70,9 @@ def adaptive_depth():
     where nothing is accepted (--draft-vocab 1: every draft is token 0)."""
     drafted = steps = acc = tested = deep = 0
     for p in PROMPTS:
-        s = stats_of(["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft-max", "16"])
+        s = stats_of(f"--draft-max 16 run on {os.path.basename(p)}",
+                     ["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft-max", "16"])
         if s is None:
-            check(f"--draft-max 16 run on {os.path.basename(p)}", False)
             return
         drafted += s["drafted"]; steps += s["steps"]; acc += s["accepted"]; tested += s["tested"]
         deep += sum(s["tested_at"][4:])
@@ -79,7 +81,7 @@ def adaptive_depth():
     check("--draft-max 16: acceptance >= 0.85 (unsure drafts are not sent to verification)",
           tested and acc / tested >= 0.85, f"{acc}/{tested}")
     args = ["-f", PROMPTS[0], "-n", "256", "--temp", "0", "-t", "2", "--no-display-prompt"]
-    s = stats_of(args + ["--draft-max", "8", "--draft-vocab", "1"])
+    s = stats_of("--draft-max 8 --draft-vocab 1 run", args + ["--draft-max", "8", "--draft-vocab", "1"])
     ok = s is not None and s["n_gen"] == 256 and s["steps"] <= 0.1 * s["n_gen"]
     check("--draft-max 8 backs off when no draft is accepted: drafting steps <= 10% of tokens", ok,
           f"{s and s['steps']} drafting steps for {s and s['n_gen']} tokens")
@@ -124,13 +126,10 @@ def main():
         acc = tested = 0
         per = []
         for p in PROMPTS:
-            js = os.path.join(TMP, "s.json")
-            r = run(["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft", "1", "--stats-json", js, "-q"] + extra)
-            if r.returncode != 0 or not os.path.exists(js):
-                check(f"mtp run on {os.path.basename(p)} {extra}", False, r.stderr.decode(errors="replace")[-300:])
+            s = stats_of(f"mtp run on {os.path.basename(p)} {extra}",
+                         ["-f", p, "-n", "256", "--temp", "0", "-t", "2", "--draft", "1"] + extra)
+            if s is None:
                 continue
-            s = json.load(open(js))
-            os.unlink(js)
             acc += s["accepted"]
             tested += s["tested"]
             per.append(f"{os.path.basename(p)[:12]}={s['accepted']}/{s['tested']}")
