@@ -141,8 +141,8 @@ KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *
 {
     const int bb = legacy_bytes(t), has_m = t == KN_Q4_1 || t == KN_Q5_1;
     const int64_t nb = n / KN_QK;
-    __m256 acc[KN_MAX_ROWS], accv[KN_MAX_ROWS];
-    float accm[KN_MAX_ROWS];
+    __m256 acc[KN_REG_ROWS], accv[KN_REG_ROWS];
+    float accm[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = accv[r] = _mm256_setzero_ps(), accm[r] = 0.0f;
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4) {
@@ -200,7 +200,7 @@ KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *
 KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
     const int bb = t == KN_Q4_K ? KN_Q4_K_BYTES : KN_Q5_K_BYTES, has_h = t == KN_Q5_K;
-    __m256 acc[KN_MAX_ROWS];
+    __m256 acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / KN_QKK; b++) {
         const uint8_t *blk = w + b * bb, *qs = blk + bb - 128;
@@ -208,7 +208,7 @@ KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out
         kn_k4_scales(blk + 4, sc, mn);
         __m256i sc2 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(load8(sc)));
         __m256i hb = has_h ? load32(blk + 16) : _mm256_setzero_si256();
-        __m256i s[KN_MAX_ROWS];
+        __m256i s[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm256_setzero_si256();
         KN_UNROLL for (int g = 0; g < 4; g++) {
             __m256i raw = load32(qs + 32 * g);
@@ -248,11 +248,11 @@ KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out
 KN_INLINE void q6k_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int NR)
 {
     const __m256i lo = bytes(15), top = bytes(0x30);
-    __m256 acc[KN_MAX_ROWS];
+    __m256 acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < n / KN_QKK; b++) {
         const uint8_t *blk = w + b * KN_Q6_K_BYTES, *sc = blk + 192;
-        __m256i s[KN_MAX_ROWS];
+        __m256i s[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm256_setzero_si256();
         KN_UNROLL for (int h = 0; h < 2; h++) {
             __m256i l0 = load32(blk + 64 * h), l1 = load32(blk + 64 * h + 32), hh = load32(blk + 128 + 32 * h);
@@ -300,7 +300,7 @@ KN_INLINE float float1(const uint8_t *w, int64_t j, int t)
 /* Two accumulators per row hide the FMA latency when nr is 1. */
 KN_INLINE void float_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
-    __m256 acc0[KN_MAX_ROWS], acc1[KN_MAX_ROWS];
+    __m256 acc0[KN_REG_ROWS], acc1[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
@@ -338,7 +338,7 @@ KN_INLINE void q8_0x16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m2
         prefetch_ahead(w, KN_X16_BLOCK);
         KN_UNROLL for (int h = 0; h < 2; h++) {   /* rows 0-7, then 8-15: fewer live sums than both at once */
             const uint8_t *wh = w + 2 * KN_PACK_ROWS + 32 * h;
-            __m256i s[KN_MAX_ROWS];
+            __m256i s[KN_REG_ROWS];
             KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm256_setzero_si256();
             for (int k = 0; k < KN_QK / 4; k++) {
                 __m256i q = load32(wh + 4 * KN_PACK_ROWS * k), u = _mm256_sign_epi8(q, q);
@@ -360,7 +360,7 @@ KN_INLINE void q8_0x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int
                             const kn_arow *a, float *y, int64_t y_stride, int NR)
 {
     for (int64_t i = i0; i < i1; i += KN_PACK_ROWS) {
-        __m256 acc[KN_MAX_ROWS][2];
+        __m256 acc[KN_REG_ROWS][2];
         q8_0x16_group(w + (size_t)i * w_row_bytes, n, a, acc, NR);
         int keep = i1 - i < KN_PACK_ROWS ? (int)(i1 - i) : KN_PACK_ROWS;
         KN_UNROLL for (int r = 0; r < NR; r++) {

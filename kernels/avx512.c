@@ -77,7 +77,7 @@ KN_INLINE void q8_0_row(const uint8_t *w, int64_t n, const kn_arow *a, float *ou
 {
     const int64_t nb = n / KN_QK;
     const __m512i dup2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[KN_MAX_ROWS];
+    __m512 acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b += 2) {
         const int two = b + 1 < nb;
@@ -204,8 +204,8 @@ KN_INLINE void q4kx16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m51
             if (j & 1) sc[j] = _mm512_mul_ps(sc[j], _mm512_set1_ps(1.0f / 16));
             mn[j] = word_byte(sm[2 + j / 4], j % 4, 1);
         }
-        __m512 sum[KN_MAX_ROWS];
-        __m512i mins[KN_MAX_ROWS];
+        __m512 sum[KN_REG_ROWS];
+        __m512i mins[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) sum[r] = _mm512_setzero_ps(), mins[r] = _mm512_setzero_si512();
         for (int g = 0; g < 4; g++) {
             __m512i q[16];
@@ -245,8 +245,8 @@ KN_INLINE void q6kx16_group(const uint8_t *w, int64_t n, const kn_arow *a, __m51
     const __m512i six = bytes(0x3f);
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / KN_QKK; b++, w += KN_Q6_K_X16_BLOCK) {
-        __m512 sum[KN_MAX_ROWS];
-        int32_t init[KN_MAX_ROWS][16];
+        __m512 sum[KN_REG_ROWS];
+        int32_t init[KN_REG_ROWS][16];
         KN_UNROLL for (int r = 0; r < NR; r++) {
             sum[r] = _mm512_setzero_ps();
             __m512i bs = _mm512_slli_epi32(_mm512_cvtepi16_epi32(load32(a[r].bsum + 16 * b)), 5);
@@ -277,7 +277,7 @@ KN_INLINE void x16_rows(const uint8_t *w, size_t w_row_bytes, int64_t n, int64_t
                         const kn_arow *a, float *y, int64_t y_stride, int t, int NR)
 {
     for (int64_t i = i0; i < i1; i += KN_PACK_ROWS) {
-        __m512 acc[KN_MAX_ROWS];
+        __m512 acc[KN_REG_ROWS];
         const uint8_t *g = w + (size_t)i * w_row_bytes;
         if (t == KN_Q8_0_X16) q8_0x16_group(g, n, a, acc, NR);
         else if (t == KN_Q4_K_X16) q4kx16_group(g, n, a, acc, NR);
@@ -308,7 +308,7 @@ static const kn_x16_fn *x16_for(int t)
 KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
     const int bb = t == KN_Q4_K ? KN_Q4_K_BYTES : KN_Q5_K_BYTES, has_h = t == KN_Q5_K;
-    __m512 acc[KN_MAX_ROWS];
+    __m512 acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / KN_QKK; b++) {
         const uint8_t *blk = w + b * bb, *qs = blk + bb - 128;
@@ -316,7 +316,7 @@ KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out
         kn_k4_scales(blk + 4, sc, mn);
         __m512i sc8 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)sc)));
         __m512i hb = has_h ? _mm512_broadcast_i64x4(load32(blk + 16)) : _mm512_setzero_si512();
-        __m512i s[KN_MAX_ROWS];
+        __m512i s[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm512_setzero_si512();
         KN_UNROLL for (int g = 0; g < 4; g++) {
             __m256i raw = load32(qs + 32 * g);
@@ -353,12 +353,12 @@ KN_INLINE void q6k_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out
 {
     const __m512i lo = bytes(15), top = bytes(0x30);
     const __m512i shl = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), shr = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
-    __m512 acc[KN_MAX_ROWS];
+    __m512 acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n / KN_QKK; b++) {
         const uint8_t *blk = w + b * KN_Q6_K_BYTES, *sc = blk + 192;
         __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
-        __m512i s[KN_MAX_ROWS];
+        __m512i s[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) s[r] = _mm512_setzero_si512();
         KN_UNROLL for (int h = 0; h < 2; h++) {
             __m512i l = load64(blk + 64 * h), hh = _mm512_broadcast_i64x4(load32(blk + 128 + 32 * h));
@@ -403,7 +403,7 @@ KN_INLINE float float1(const uint8_t *w, int64_t j, int t)
 
 KN_INLINE void float_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
-    __m512 acc0[KN_MAX_ROWS], acc1[KN_MAX_ROWS];
+    __m512 acc0[KN_REG_ROWS], acc1[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 32 <= n; j += 32) {

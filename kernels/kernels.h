@@ -28,8 +28,9 @@ enum {
     KN_Q8_0 = 8, KN_Q4_K = 12, KN_Q5_K = 13, KN_Q6_K = 14, KN_BF16 = 30,
 };
 
-/* Activation rows one kn_matmul call takes; callers split bigger batches. */
-#define KN_MAX_ROWS 8
+/* Activation rows one kn_matmul call takes; callers split bigger batches.
+ * 16 covers a verify of up to 15 drafts in one pass over the weights. */
+#define KN_MAX_ROWS 16
 
 /* ---- tensor formats ---- */
 int         kn_type_supported(int type);          /* 1 for the types above */

@@ -203,6 +203,12 @@ typedef struct {
 
 typedef void (*kn_row_fn)(const uint8_t *w, int64_t n, const kn_arow *a, float *out);
 
+/* Activation rows a kernel keeps sums for in registers.  Calls with more
+ * (up to KN_MAX_ROWS) go in passes of at most this many over each weight
+ * row or packed group, whose bytes the second pass finds in L1: a 9-token
+ * verify then reads the weights from memory once, in one call per slice. */
+#define KN_REG_ROWS 8
+
 #define KN_UNROLL _Pragma("GCC unroll 8")
 
 /* An empty asm that claims to change v.  Integer adds are associative, so
@@ -228,7 +234,7 @@ typedef void (*kn_row_fn)(const uint8_t *w, int64_t n, const kn_arow *a, float *
     KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 6), 6)                             \
     KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 7), 7)                             \
     KN_ROW_FN(name, kernel(w, n, a, out, __VA_ARGS__ 8), 8)                             \
-    static const kn_row_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
+    static const kn_row_fn name[KN_REG_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
                                                 name##_5, name##_6, name##_7, name##_8};
 
 /* Packed matrices (KN_*_X16) go a group of KN_PACK_ROWS rows at a time, so
@@ -250,7 +256,7 @@ typedef void (*kn_x16_fn)(const uint8_t *w, size_t w_row_bytes, int64_t n, int64
     KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 6), 6)               \
     KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 7), 7)               \
     KN_X16_FN(name, kernel(w, rb, n, i0, i1, a, y, ys, __VA_ARGS__ 8), 8)               \
-    static const kn_x16_fn name[KN_MAX_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
+    static const kn_x16_fn name[KN_REG_ROWS] = {name##_1, name##_2, name##_3, name##_4, \
                                                 name##_5, name##_6, name##_7, name##_8};
 
 static inline void kn_act_rows(const void *act, size_t act_stride, int64_t n_in, int nr, kn_arow *a)
@@ -270,7 +276,10 @@ static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_
     kn_act_rows(act, act_stride, n_in, nr, a);
     for (int64_t i = i0; i < i1; i++) {
         float o[KN_MAX_ROWS];
-        fns[nr - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a, o);
+        for (int r = 0; r < nr; r += KN_REG_ROWS) {
+            int m = nr - r < KN_REG_ROWS ? nr - r : KN_REG_ROWS;
+            fns[m - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a + r, o + r);
+        }
         for (int r = 0; r < nr; r++) y[(size_t)r * y_stride + i] = o[r];
     }
 }
@@ -281,7 +290,17 @@ static inline void kn_matmul_x16(const kn_x16_fn *fns, const void *w, size_t w_r
 {
     kn_arow a[KN_MAX_ROWS];
     kn_act_rows(act, act_stride, n_in, nr, a);
-    fns[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
+    if (nr <= KN_REG_ROWS) {
+        fns[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
+        return;
+    }
+    for (int64_t g = i0; g < i1; g += KN_PACK_ROWS) {
+        int64_t end = g + KN_PACK_ROWS < i1 ? g + KN_PACK_ROWS : i1;
+        for (int r = 0; r < nr; r += KN_REG_ROWS) {
+            int m = nr - r < KN_REG_ROWS ? nr - r : KN_REG_ROWS;
+            fns[m - 1](w, w_row_bytes, n_in, g, end, a + r, y + (size_t)r * y_stride, y_stride);
+        }
+    }
 }
 
 /* ==== Attention ====

@@ -84,8 +84,8 @@ KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *
 {
     const int bb = legacy_bytes(t), has_m = t == KN_Q4_1 || t == KN_Q5_1;
     const int64_t nb = n / KN_QK;
-    float32x4_t acc[KN_MAX_ROWS], accv[KN_MAX_ROWS];
-    float accm[KN_MAX_ROWS];
+    float32x4_t acc[KN_REG_ROWS], accv[KN_REG_ROWS];
+    float accm[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = accv[r] = vdupq_n_f32(0.0f), accm[r] = 0.0f;
     int64_t b = 0;
     for (; b + 1 < nb; b += 2) {
@@ -129,14 +129,14 @@ KN_INLINE void legacy_row(const uint8_t *w, int64_t n, const kn_arow *a, float *
 KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
     const int bb = t == KN_Q4_K ? KN_Q4_K_BYTES : KN_Q5_K_BYTES, has_h = t == KN_Q5_K;
-    float32x4_t acc[KN_MAX_ROWS];
+    float32x4_t acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = vdupq_n_f32(0.0f);
     for (int64_t b = 0; b < n / KN_QKK; b++) {
         const uint8_t *blk = w + b * bb, *qs = blk + bb - 128;
         uint8_t sc[8], mn[8];
         kn_k4_scales(blk + 4, sc, mn);
         uint8x16_t hb0 = vld1q_u8(blk + 16), hb1 = vld1q_u8(blk + 32);
-        int32x4_t s[KN_MAX_ROWS];
+        int32x4_t s[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) s[r] = vdupq_n_s32(0);
         KN_UNROLL for (int g = 0; g < 4; g++) {
             uint8x16_t r0 = vld1q_u8(qs + 32 * g), r1 = vld1q_u8(qs + 32 * g + 16);
@@ -176,12 +176,12 @@ KN_INLINE void k45_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out
  * with its own int8 scale. */
 KN_INLINE void q6k_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int NR)
 {
-    float32x4_t acc[KN_MAX_ROWS];
+    float32x4_t acc[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc[r] = vdupq_n_f32(0.0f);
     for (int64_t b = 0; b < n / KN_QKK; b++) {
         const uint8_t *blk = w + b * KN_Q6_K_BYTES;
         const int8_t *sc = (const int8_t *)blk + 192;
-        int32x4_t s[KN_MAX_ROWS];
+        int32x4_t s[KN_REG_ROWS];
         KN_UNROLL for (int r = 0; r < NR; r++) s[r] = vdupq_n_s32(0);
         KN_UNROLL for (int h = 0; h < 2; h++) {
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
@@ -229,7 +229,7 @@ KN_INLINE float float1(const uint8_t *w, int64_t j, int t)
 /* Two accumulators per row hide the FMA latency when nr is 1. */
 KN_INLINE void float_row(const uint8_t *w, int64_t n, const kn_arow *a, float *out, int t, int NR)
 {
-    float32x4_t acc0[KN_MAX_ROWS], acc1[KN_MAX_ROWS];
+    float32x4_t acc0[KN_REG_ROWS], acc1[KN_REG_ROWS];
     KN_UNROLL for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = vdupq_n_f32(0.0f);
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {

@@ -813,11 +813,11 @@ static double bench_run(const mm_case *c, uint8_t *wbase, int copies, int nr, in
 static void bench(int nthreads)
 {
     static const int64_t shapes[][2] = {{1024, 3584}, {3584, 1024}};   /* n_out x n_in */
-    static const int nrs[] = {1, 2, 3, 4, 8};
+    static const int nrs[] = {1, 2, 3, 4, 8, 9, 16};
     printf("kn_matmul weight GB/s, isa %s, %d thread(s); cold = rotating over >= 256 MB, hot = one matrix\n",
            kn_isa(), nthreads);
     printf("%-5s %-10s %-4s", "type", "out x in", "");
-    for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) printf("   nr=%d", nrs[k]);
+    for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) printf("  nr=%-2d ", nrs[k]);
     printf("\n");
     for (int ti = 0; ti < N_TYPES; ti++)
         for (size_t s = 0; s < 2; s++) {
