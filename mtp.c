@@ -1390,14 +1390,18 @@ static void attn_group(const AttnJob *j, int kvh, int r0, int r1, float *sc) {
     }
 }
 
+/* Work items go KV head by KV head, so a thread that takes several chunks
+ * of one head finds its keys and values in cache after the first; chunks
+ * are of equal size (a 9-token verify is 3+3+3 tokens, not 4+4+1), so the
+ * threads' shares are too. */
 static void attn_worker(void *ctx, int ith, int nth) {
     const AttnJob *j = ctx;
     int n_kv = j->c->n_kv_head, chunks = (j->n + j->rows - 1) / j->rows;
     int64_t lo, hi;
     pool_share((int64_t)chunks * n_kv, ith, nth, 1, &lo, &hi);
     for (int64_t i = lo; i < hi; i++) {
-        int r0 = (int)(i / n_kv) * j->rows, r1 = r0 + j->rows < j->n ? r0 + j->rows : j->n;
-        attn_group(j, (int)(i % n_kv), r0, r1, j->scores + (int64_t)ith * KN_ATTN_MAX_Q * j->n_ctx);
+        int chunk = (int)(i % chunks), r0 = j->n * chunk / chunks, r1 = j->n * (chunk + 1) / chunks;
+        attn_group(j, (int)(i / chunks), r0, r1, j->scores + (int64_t)ith * KN_ATTN_MAX_Q * j->n_ctx);
     }
 }
 
