@@ -879,6 +879,8 @@ typedef struct {
     PoolFn fn;
     void *ctx;
     int quit;
+    double *speed;              /* [n_threads] each thread's relative speed on matrix products (mean ~1) */
+    double *busy_ms;            /* [n_threads] each thread's time on its share of the last one */
 } Pool;
 
 typedef struct { Pool *pool; int ith; } PoolWorker;
@@ -917,6 +919,9 @@ static void pool_init(Pool *p, int n_threads) {
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->wake, NULL);
     p->threads = xcalloc((size_t)n_threads, sizeof *p->threads);
+    p->speed = xcalloc((size_t)n_threads, sizeof *p->speed);
+    p->busy_ms = xcalloc((size_t)n_threads, sizeof *p->busy_ms);
+    for (int i = 0; i < n_threads; i++) p->speed[i] = 1;
     for (int i = 1; i < n_threads; i++) {
         PoolWorker *w = xmalloc(sizeof *w);
         *w = (PoolWorker){p, i};
@@ -954,6 +959,8 @@ static void pool_free(Pool *p) {
         for (int i = 0; i < p->n_threads - 1; i++) pthread_join(p->threads[i], NULL);
     }
     free(p->threads);
+    free(p->speed);
+    free(p->busy_ms);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->wake);
 }
@@ -968,13 +975,50 @@ static void pool_share(int64_t n, int ith, int nth, int64_t align, int64_t *lo, 
     if (*hi > n) *hi = n;
 }
 
+/* Thread ith's share [*lo, *hi) of n items in proportion to the threads'
+ * measured speeds: on a shared machine (or one with fast and slow cores)
+ * one CPU can run 10-25% slower than another for seconds at a time, and
+ * with equal shares the faster thread spent that long waiting. */
+static void pool_share_by_speed(const Pool *p, int64_t n, int ith, int64_t *lo, int64_t *hi) {
+    double total = 0, before = 0;
+    for (int i = 0; i < p->n_threads; i++) {
+        if (i == ith) before = total;
+        total += p->speed[i];
+    }
+    *lo = (int64_t)(n * before / total + 0.5);
+    *hi = ith == p->n_threads - 1 ? n : (int64_t)(n * (before + p->speed[ith]) / total + 0.5);
+}
+
+/* After a job shared by speed: move each thread's speed a little towards
+ * its rate on it relative to the others' (items per ms; one job's timing is
+ * noisy, and the job kinds differ, so only the ratio is used, smoothed).
+ * Pools of more than SPEED_THREADS threads keep equal shares. */
+#define SPEED_THREADS 64
+
+static void pool_learn_speed(Pool *p, int64_t n) {
+    double rate[SPEED_THREADS], mean = 0;
+    int nt = p->n_threads;
+    if (nt > SPEED_THREADS) return;
+    for (int i = 0; i < nt; i++) {
+        int64_t lo, hi;
+        pool_share_by_speed(p, n, i, &lo, &hi);
+        if (hi - lo < 4 || p->busy_ms[i] <= 0) return;     /* too little to time */
+        rate[i] = (double)(hi - lo) / p->busy_ms[i];
+        mean += rate[i] / nt;
+    }
+    for (int i = 0; i < nt; i++) {
+        double r = rate[i] / mean;
+        p->speed[i] = 0.9 * p->speed[i] + 0.1 * (r < 0.25 ? 0.25 : r > 4 ? 4 : r);
+    }
+}
+
 /* ==== Matrix products ====
  * y[r] = W x[r] for a batch of activation rows.  Activations are prepared
- * once per input (quantised to the kernel's 8-bit blocks), then the threads
- * take runs of output rows from a shared counter and, for each
- * small tile of weight rows, run every group of KN_MAX_ROWS activation
+ * once per input (quantised to the kernel's 8-bit blocks), then each thread
+ * takes a slice of output rows (sized by its measured speed) and, for each
+ * small tile of weight rows, runs every group of KN_MAX_ROWS activation
  * rows: the tile stays in cache, so a batch of tokens reads the weights
- * from memory once (a batch of one group takes its run in one call).
+ * from memory once (a batch of one group takes its slice in one call).
  * Products that share an input (q/k/v, gate/up, the DeltaNet projections)
  * go out as one job, so a step waits on the pool half as often; a SwiGLU's
  * gate and up run tile by tile side by side, and the thread that made a
@@ -994,7 +1038,7 @@ typedef struct {
     int count, n;
     const float *x;             /* [n][n_in] the f32 input, for the reference kernel */
     int glu;                    /* products 0 and 1 are a SwiGLU's gate and up: silu(gate) * up into gate's y */
-    atomic_int_fast64_t next_tile; /* the first tile no thread has taken yet */
+    Pool *pool;
 } MatmulJob;
 
 /* --ref-kernels: every product through the scalar reference (f32 activations,
@@ -1018,7 +1062,7 @@ static void matmul_tile(const MatmulJob *j, int p, int64_t i0, int64_t i1) {
 
 /* Tiles per kernel call: a batch of more than KN_MAX_ROWS tokens runs each
  * small tile for all its row groups while the tile is in cache; a smaller
- * batch has one row group, so a thread takes each run of tiles in one call
+ * batch has one row group, so a thread takes its whole slice in one call
  * (per-tile calls cost 10-15% of a decode: each restarts the weight
  * prefetches, and a SwiGLU's alternating gate and up tiles left them
  * fetching the wrong matrix). */
@@ -1061,36 +1105,15 @@ static void glu_tiles_run(const MatmulJob *j, int64_t lo, int64_t hi) {
     }
 }
 
-/* Threads take tiles in runs of a share of what is left: with fixed slices
- * (sized by each thread's measured speed) the threads of a 2-vCPU machine
- * finished a product 5-9 us apart
- * on average (8-15% of its time), one of them waiting, as their speeds
- * drift from job to job on a shared machine.  The runs shrink to
- * MIN_RUN_TILES, so the last to finish waits for at most a small run, and
- * a thread makes a few calls per product rather than one per tile (each
- * call restarts the weight prefetches); a lone thread takes everything at
- * once.  Returns the run's length, 0 when none is left. */
-#define MIN_RUN_TILES 2
-
-static int64_t take_tiles(MatmulJob *j, int nth, int64_t *first) {
-    int64_t total = j->first_tile[j->glu ? 1 : j->count], at = atomic_load(&j->next_tile), run;
-    do {
-        if (at >= total) return 0;
-        run = nth > 1 ? (total - at) / (2 * nth) : total - at;
-        if (run < MIN_RUN_TILES) run = MIN_RUN_TILES;
-        if (run > total - at) run = total - at;
-    } while (!atomic_compare_exchange_weak(&j->next_tile, &at, at + run));
-    *first = at;
-    return run;
-}
-
 static void matmul_worker(void *ctx, int ith, int nth) {
-    MatmulJob *j = ctx;
-    int64_t first, run;
-    while ((run = take_tiles(j, nth, &first)) > 0) {
-        if (j->glu) glu_tiles_run(j, first, first + run);
-        else tiles_run(j, first, first + run);
-    }
+    const MatmulJob *j = ctx;
+    int64_t lo, hi;
+    (void)nth;
+    double t0 = now_ms();
+    pool_share_by_speed(j->pool, j->first_tile[j->glu ? 1 : j->count], ith, &lo, &hi);
+    if (j->glu) glu_tiles_run(j, lo, hi);
+    else tiles_run(j, lo, hi);
+    j->pool->busy_ms[ith] = now_ms() - t0;
 }
 
 /* ==== State ====
@@ -1272,7 +1295,7 @@ static void scratch_free(Scratch *s) {
  * (with glu, then y_0 = silu(y_0) * y_1).  The input is prepared once per
  * weight format the products use. */
 static void matmul_job(Engine *e, const float *x, int n, const Product *prod, int count, int glu) {
-    MatmulJob job = {.count = count, .n = n, .x = x, .glu = glu};
+    MatmulJob job = {.count = count, .n = n, .x = x, .glu = glu, .pool = &e->pool};
     const uint8_t *next = e->s.act;
     for (int p = 0; p < count; p++) {
         const Mat *w = prod[p].w;
@@ -1289,8 +1312,8 @@ static void matmul_job(Engine *e, const float *x, int n, const Product *prod, in
         for (int r = 0; r < n; r++) kn_act_prepare(w->type, x + (int64_t)r * w->n_in, w->n_in, (uint8_t *)next + r * job.act_bytes[p]);
         next += (size_t)n * job.act_bytes[p];
     }
-    atomic_init(&job.next_tile, 0);
     pool_run(&e->pool, matmul_worker, &job);
+    if (e->pool.n_threads > 1) pool_learn_speed(&e->pool, job.first_tile[glu ? 1 : count]);
 }
 
 static void matmul_set(Engine *e, const float *x, int n, const Product *prod, int count) { matmul_job(e, x, n, prod, count, 0); }
