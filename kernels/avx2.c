@@ -76,19 +76,17 @@ static inline __m256i bits_to_bytes(uint32_t x)
     return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
-/* Weights stream through once per token, and the hardware prefetchers
- * leave their loads' latency exposed: asking for the lines AHEAD bytes on
- * into L1 as the kernel walks a row or a group took --no-mtp decode of the
- * built-in model (2 threads, AMD EPYC, weights from memory) from 286 to 391
- * tok/s at 2048 bytes ahead in legacy_row (381 at 4096); the packed q8_0
- * kernel streamed one 1536 x 512 matrix after another 10-20% faster at 4096
- * than at 2048.  Each call covers the bytes its caller is about to read, so
- * the prefetches walk the stream without gaps. */
+/* Prefetch distances (kn_prefetch_weights): asking for the lines AHEAD
+ * bytes on into L1 took --no-mtp decode of the built-in model (2 threads,
+ * AMD EPYC Zen 3, weights from memory) from 286 to 391 tok/s at 2048 bytes
+ * in legacy_row (381 at 4096); the packed q8_0 kernel streamed one 1536 x
+ * 512 matrix after another 10-20% faster at 4096 than at 2048.  No L2
+ * stream: the one avx512.c gains from cost this file 10-20% at one row
+ * (./test_kernels-avx2 --bench -t 2 q8_0 on a Zen 4, two runs: 31-37 ->
+ * 24-30 GB/s from memory), and no AVX2-only machine was at hand to say
+ * more. */
 #define AHEAD 4096
-KN_INLINE void prefetch_ahead(const uint8_t *p, int bytes)
-{
-    KN_UNROLL for (int k = 0; k < bytes; k += 64) _mm_prefetch((const char *)p + AHEAD + k, _MM_HINT_T0);
-}
+KN_INLINE void prefetch_ahead(const uint8_t *p, int bytes) { kn_prefetch_weights(p, bytes, AHEAD, 0); }
 
 /* ==== Legacy formats: q8_0, q4_0, q4_1, q5_0, q5_1 ==== */
 

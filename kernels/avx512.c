@@ -121,18 +121,18 @@ KN_INLINE __m512i dot_x16(__m512i init, const __m512i *q, const int8_t *x, int n
     return two ? _mm512_add_epi32(init, s1) : init;
 }
 
-/* A group's weights stream through once, in order, yet the hardware
- * prefetchers leave the latency of their loads exposed: asking for the
- * lines X16_AHEAD bytes ahead into L1 gained 10-20% on weights in L2 or L3
- * and 15-30% on weights streamed from memory, at every nr (one loss: q8_0,
- * one activation row, weights in L3, -13%).  Each call covers the bytes
- * its caller is about to read, so the prefetches walk the stream without
- * gaps. */
+/* Prefetch distances (kn_prefetch_weights): asking for the lines X16_AHEAD
+ * bytes on into L1 gained 10-20% on weights in L2 or L3 and 15-30% on
+ * weights streamed from memory, at every nr (one loss: q8_0, one
+ * activation row, weights in L3, -13%).  The L2 stream X16_AHEAD_L2 bytes
+ * on is what keeps several activation rows fed from memory:
+ * ./test_kernels --bench -t 2 q8_0 (weights from memory, 1024x3584 and
+ * 3584x1024, two runs, Zen 4): 3 rows 19.0-23.9 -> 29.0-32.5 GB/s, 8 rows
+ * 17.4-19.6 -> 27.2-37.4, one row 25.4-30.1 -> 27.5-31.4; at -t 1, 8 rows
+ * 10.1-13.0 -> 17.6-20.2 (8 and 32 KB ahead did about as well as 16). */
 #define X16_AHEAD 2048
-KN_INLINE void prefetch_x16(const uint8_t *p, int bytes)
-{
-    KN_UNROLL for (int k = 0; k < bytes; k += 64) _mm_prefetch((const char *)p + X16_AHEAD + k, _MM_HINT_T0);
-}
+#define X16_AHEAD_L2 16384
+KN_INLINE void prefetch_x16(const uint8_t *p, int bytes) { kn_prefetch_weights(p, bytes, X16_AHEAD, X16_AHEAD_L2); }
 
 /* Bits of a where c is set, of b elsewhere. */
 static inline __m512i select_bits(__m512i c, __m512i a, __m512i b) { return _mm512_ternarylogic_epi32(c, a, b, 0xca); }

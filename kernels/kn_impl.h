@@ -223,6 +223,20 @@ typedef void (*kn_row_fn)(const uint8_t *w, int64_t n, const kn_arow *a, float *
 #define KN_KEEP(v) __asm__("" : "+x"(v))
 #endif
 
+/* Weights stream through once per token, and the hardware prefetchers
+ * leave their loads' latency exposed.  Kernels ask for the lines l1_ahead
+ * bytes on into L1 and, where it pays, l2_ahead bytes on into L2 (0: not)
+ * as they walk a row or a packed group, at distances measured in each ISA
+ * file; each call covers the bytes its caller is about to read, so the
+ * prefetches walk the stream without gaps. */
+KN_INLINE void kn_prefetch_weights(const uint8_t *p, int bytes, int l1_ahead, int l2_ahead)
+{
+    KN_UNROLL for (int k = 0; k < bytes; k += 64) {
+        __builtin_prefetch(p + l1_ahead + k, 0, 3);
+        if (l2_ahead) __builtin_prefetch(p + l2_ahead + k, 0, 2);
+    }
+}
+
 #define KN_ROW_FN(name, call, nr) \
     static void name##_##nr(const uint8_t *w, int64_t n, const kn_arow *a, float *out) { call; }
 #define KN_ROW_FNS(name, kernel, ...)                                                    \

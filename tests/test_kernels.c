@@ -2,7 +2,8 @@
  * measures them.
  *
  *   ./test_kernels                 run every check, end with "N passed, N failed"
- *   ./test_kernels --bench [-t T]  weights streamed per second by kn_matmul
+ *   ./test_kernels --bench [-t T] [TYPE]  weights streamed per second by kn_matmul
+ *                                (every format, or only TYPE, e.g. q8_0)
  *
  * Weights are random bytes with sane scale fields, so every bit pattern of
  * every format is exercised.  Each output is compared with kn_ref_matmul
@@ -810,7 +811,7 @@ static double bench_run(const mm_case *c, uint8_t *wbase, int copies, int nr, in
     return (double)c->rb * c->n_out * iters / dt / 1e9;
 }
 
-static void bench(int nthreads)
+static void bench(int nthreads, const char *only)
 {
     static const int64_t shapes[][2] = {{1024, 3584}, {3584, 1024}};   /* n_out x n_in */
     static const int nrs[] = {1, 2, 3, 4, 8, 9, 16};
@@ -820,7 +821,7 @@ static void bench(int nthreads)
     for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) printf("  nr=%-2d ", nrs[k]);
     printf("\n");
     for (int ti = 0; ti < N_TYPES; ti++)
-        for (size_t s = 0; s < 2; s++) {
+        for (size_t s = 0; s < 2 && (!only || !strcmp(only, kn_type_name(all_types[ti]))); s++) {
             mm_case c;
             mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0], -1, 1);
             size_t mb = kn_pack_bytes(c.type, c.n_out, c.n_in);
@@ -854,17 +855,25 @@ int main(int argc, char **argv)
         return 2;
     }
     int do_bench = 0, nthreads = 1;
+    const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--bench")) do_bench = 1;
         else if (!strcmp(argv[i], "-t") && i + 1 < argc) nthreads = atoi(argv[++i]);
+        else if (do_bench && !only && argv[i][0] != '-') only = argv[i];
         else {
-            fprintf(stderr, "usage: %s [--bench [-t THREADS]]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--bench [-t THREADS] [TYPE]]\n", argv[0]);
             return 2;
         }
     }
     if (nthreads < 1 || nthreads > 64) nthreads = 1;
     if (do_bench) {
-        bench(nthreads);
+        int known = !only;
+        for (int ti = 0; ti < N_TYPES && !known; ti++) known = !strcmp(only, kn_type_name(all_types[ti]));
+        if (!known) {
+            fprintf(stderr, "test_kernels: no format named %s\n", only);
+            return 2;
+        }
+        bench(nthreads, only);
         return 0;
     }
     printf("kernels: %s\n", kn_isa());
