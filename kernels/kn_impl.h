@@ -282,6 +282,9 @@ static inline void kn_act_rows(const void *act, size_t act_stride, int64_t n_in,
     }
 }
 
+/* Rows in the pass over activation rows [r, nr). */
+static inline int kn_pass_rows(int nr, int r) { return nr - r < KN_REG_ROWS ? nr - r : KN_REG_ROWS; }
+
 static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_row_bytes, int64_t n_in,
                                   int64_t i0, int64_t i1, const void *act, size_t act_stride, int nr,
                                   float *y, int64_t y_stride)
@@ -290,10 +293,8 @@ static inline void kn_matmul_rows(const kn_row_fn *fns, const void *w, size_t w_
     kn_act_rows(act, act_stride, n_in, nr, a);
     for (int64_t i = i0; i < i1; i++) {
         float o[KN_MAX_ROWS];
-        for (int r = 0; r < nr; r += KN_REG_ROWS) {
-            int m = nr - r < KN_REG_ROWS ? nr - r : KN_REG_ROWS;
-            fns[m - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a + r, o + r);
-        }
+        for (int r = 0; r < nr; r += KN_REG_ROWS)
+            fns[kn_pass_rows(nr, r) - 1]((const uint8_t *)w + (size_t)i * w_row_bytes, n_in, a + r, o + r);
         for (int r = 0; r < nr; r++) y[(size_t)r * y_stride + i] = o[r];
     }
 }
@@ -304,16 +305,13 @@ static inline void kn_matmul_x16(const kn_x16_fn *fns, const void *w, size_t w_r
 {
     kn_arow a[KN_MAX_ROWS];
     kn_act_rows(act, act_stride, n_in, nr, a);
-    if (nr <= KN_REG_ROWS) {
-        fns[nr - 1](w, w_row_bytes, n_in, i0, i1, a, y, y_stride);
-        return;
-    }
-    for (int64_t g = i0; g < i1; g += KN_PACK_ROWS) {
-        int64_t end = g + KN_PACK_ROWS < i1 ? g + KN_PACK_ROWS : i1;
-        for (int r = 0; r < nr; r += KN_REG_ROWS) {
-            int m = nr - r < KN_REG_ROWS ? nr - r : KN_REG_ROWS;
-            fns[m - 1](w, w_row_bytes, n_in, g, end, a + r, y + (size_t)r * y_stride, y_stride);
-        }
+    /* one pass takes the whole slice; several go group by group, so each
+     * group's weights are still in L1 for the next pass */
+    int64_t span = nr <= KN_REG_ROWS ? i1 - i0 : KN_PACK_ROWS;
+    for (int64_t g = i0; g < i1; g += span) {
+        int64_t end = g + span < i1 ? g + span : i1;
+        for (int r = 0; r < nr; r += KN_REG_ROWS)
+            fns[kn_pass_rows(nr, r) - 1](w, w_row_bytes, n_in, g, end, a + r, y + (size_t)r * y_stride, y_stride);
     }
 }
 

@@ -811,7 +811,16 @@ static double bench_run(const mm_case *c, uint8_t *wbase, int copies, int nr, in
     return (double)c->rb * c->n_out * iters / dt / 1e9;
 }
 
-static void bench(int nthreads, const char *only)
+/* The index in all_types of the format named name, or -1. */
+static int type_named(const char *name)
+{
+    for (int ti = 0; ti < N_TYPES; ti++)
+        if (!strcmp(name, kn_type_name(all_types[ti]))) return ti;
+    return -1;
+}
+
+/* Every format, or only all_types[only] when only >= 0. */
+static void bench(int nthreads, int only)
 {
     static const int64_t shapes[][2] = {{1024, 3584}, {3584, 1024}};   /* n_out x n_in */
     static const int nrs[] = {1, 2, 3, 4, 8, 9, 16};
@@ -820,8 +829,9 @@ static void bench(int nthreads, const char *only)
     printf("%-5s %-10s %-4s", "type", "out x in", "");
     for (size_t k = 0; k < sizeof nrs / sizeof nrs[0]; k++) printf("  nr=%-2d ", nrs[k]);
     printf("\n");
-    for (int ti = 0; ti < N_TYPES; ti++)
-        for (size_t s = 0; s < 2 && (!only || !strcmp(only, kn_type_name(all_types[ti]))); s++) {
+    int first = only < 0 ? 0 : only, end = only < 0 ? N_TYPES : only + 1;
+    for (int ti = first; ti < end; ti++)
+        for (size_t s = 0; s < 2; s++) {
             mm_case c;
             mm_setup(&c, all_types[ti], shapes[s][1], shapes[s][0], -1, 1);
             size_t mb = kn_pack_bytes(c.type, c.n_out, c.n_in);
@@ -867,13 +877,12 @@ int main(int argc, char **argv)
     }
     if (nthreads < 1 || nthreads > 64) nthreads = 1;
     if (do_bench) {
-        int known = !only;
-        for (int ti = 0; ti < N_TYPES && !known; ti++) known = !strcmp(only, kn_type_name(all_types[ti]));
-        if (!known) {
+        int ti = only ? type_named(only) : -1;
+        if (only && ti < 0) {
             fprintf(stderr, "test_kernels: no format named %s\n", only);
             return 2;
         }
-        bench(nthreads, only);
+        bench(nthreads, ti);
         return 0;
     }
     printf("kernels: %s\n", kn_isa());
